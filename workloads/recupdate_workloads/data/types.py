@@ -74,7 +74,12 @@ class InteractionLog:
 
     def select(self, mask: np.ndarray) -> InteractionLog:
         return InteractionLog(
-            self.user[mask], self.item[mask], self.ts[mask], self.weight[mask], self.item_cluster, self.catalogue
+            self.user[mask],
+            self.item[mask],
+            self.ts[mask],
+            self.weight[mask],
+            self.item_cluster,
+            self.catalogue,
         )
 
     def window(self, start: int | None, end: int | None) -> InteractionLog:

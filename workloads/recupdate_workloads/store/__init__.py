@@ -1,0 +1,6 @@
+"""PostgreSQL + pgvector store: migrations, catalogue and interactions, evidence snapshots, transition
+tables and the registry of runs and releases (DESIGN.md section 4)."""
+
+from recupdate_workloads.store.db import Store, open_store, schema_for
+
+__all__ = ["Store", "open_store", "schema_for"]
