@@ -95,7 +95,7 @@ def iter_interactions(
             if first:
                 del pending[:_HEADER]
                 first = False
-            if len(pending) < (1 << 22):
+            if len(pending) < min(1 << 22, rows_per_chunk * _ROW.itemsize):
                 continue
             carry = _take_rows(pending, carry)
             if carry is None or len(carry) < rows_per_chunk:
