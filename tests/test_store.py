@@ -14,12 +14,12 @@ from recupdate_workloads.store import registry as reg
 from recupdate_workloads.store import tables
 from recupdate_workloads.store.db import Store, migrate
 
-from fixtures.store import pg_dsn, store  # noqa: F401
-
 
 def _counts(rows: list[tuple[int, int, int, int]]) -> ev.Counts:
     a = np.array(rows, dtype=np.int64)
-    return ev.Counts(a[:, 0].astype(np.int32), a[:, 1].astype(np.int32), a[:, 2].astype(np.int32), a[:, 3], int(a[:, 3].sum()))
+    return ev.Counts(
+        a[:, 0].astype(np.int32), a[:, 1].astype(np.int32), a[:, 2].astype(np.int32), a[:, 3], int(a[:, 3].sum())
+    )
 
 
 def _catalogue(store: Store, n: int = 6) -> Catalogue:
@@ -89,7 +89,9 @@ def test_neighbour_fallback(store: Store) -> None:
 def test_snapshots_are_pruned(store: Store) -> None:
     _catalogue(store)
     now = _counts([(0, 1, 2, 9)])
-    ids = [ev.build_snapshot(store, now, (0, 1), ev.EvidenceParams(min_support=1), keep=2).snapshot_id for _ in range(4)]
+    ids = [
+        ev.build_snapshot(store, now, (0, 1), ev.EvidenceParams(min_support=1), keep=2).snapshot_id for _ in range(4)
+    ]
     with store.tx() as c:
         states = dict(c.execute("SELECT snapshot_id, state FROM snapshots").fetchall())
         live = {r[0] for r in c.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (store.schema,))}
@@ -97,7 +99,7 @@ def test_snapshots_are_pruned(store: Store) -> None:
     assert f"evidence_s{ids[0]}" not in live and f"evidence_s{ids[-1]}" in live
 
 
-def test_atomic_publication_under_concurrent_reader(store: Store, pg_dsn: str) -> None:  # noqa: F811
+def test_atomic_publication_under_concurrent_reader(store: Store, pg_dsn: str) -> None:
     """A reader looping over the current evidence sees only whole snapshots and never errors."""
     _catalogue(store)
     n_pairs = 30
@@ -120,7 +122,7 @@ def test_atomic_publication_under_concurrent_reader(store: Store, pg_dsn: str) -
                             raise AssertionError(f"partial snapshot: {row[0]} pairs")
                 except psycopg.errors.UndefinedTable:
                     pass  # before the first publication
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:
                     errors.append(exc)
 
     t = threading.Thread(target=reader)
@@ -170,7 +172,11 @@ def test_transition_tables(store: Store) -> None:
     t = tables.load_table(store, v)
     assert t.as_dict() == {
         (0, 1): [(2, 0.5, "model"), (3, pytest.approx(0.2), "model")],
-        (1, 2): [(0, pytest.approx(0.4), "evidence"), (4, pytest.approx(0.3), "evidence"), (5, pytest.approx(0.1), "evidence")],
+        (1, 2): [
+            (0, pytest.approx(0.4), "evidence"),
+            (4, pytest.approx(0.3), "evidence"),
+            (5, pytest.approx(0.1), "evidence"),
+        ],
     }
     with pytest.raises(LookupError):
         tables.load_table(store, v + 100)
