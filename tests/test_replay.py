@@ -15,7 +15,11 @@ DAY = 86_400
 
 
 def _run(store: Store, drift_amount: float) -> dict[str, rp.StrategyResult]:
-    spec = SyntheticSpec(n_interactions=40_000, n_clusters=12, drift=drift_amount, days=450, period_days=90, seed=11)
+    changes = 3 if drift_amount else 0  # trends and late clusters are drift too: none in the stable run
+    spec = SyntheticSpec(
+        n_interactions=40_000, n_clusters=20, drift=drift_amount, n_trends=changes, n_late_clusters=changes,
+        days=450, period_days=90, seed=11,
+    )  # fmt: skip
     s = SyntheticStream(spec)
     log = s.generate()
     cat.save_catalogue(store, s.catalogue, s.item_cluster)

@@ -1,0 +1,493 @@
+"""The RecommenderUpdatePolicy API: pydantic models of spec and status.
+
+These models are the single source of the CRD schema (crd.py renders them), so every field carries a
+description, and constraints live in Field(...) where JSON schema can carry them. YAML and Kubernetes
+JSON use camelCase (the alias); Python code uses snake_case (populate_by_name).
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any
+
+from croniter import croniter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "recupdate.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "RecommenderUpdatePolicy"
+PLURAL = "recommenderupdatepolicies"
+SINGULAR = "recommenderupdatepolicy"
+SHORT = "rup"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+# Annotations a person sets on a policy; the operator acts on each value once.
+ANNOTATION_APPROVE = f"{GROUP}/approve"  # =<release_id>: promote that candidate (promotion: Manual)
+ANNOTATION_ROLLBACK = f"{GROUP}/rollback-to"  # =<release_id>: re-activate that earlier release
+# Labels/annotations the operator puts on its children (RayJobs, the RayService).
+LABEL_POLICY = f"{GROUP}/policy"
+LABEL_KIND = f"{GROUP}/kind"
+LABEL_RUN_ID = f"{GROUP}/run-id"
+LABEL_GENERATION = f"{GROUP}/generation"
+
+# ---------------------------------------------------------------------------------------------------------
+# Durations: "<int><unit>" with unit s, m, h, d or w. One unit only in the schema, so that CEL rules in the
+# CRD can compare two durations (see crd.py); parse_duration also accepts compound forms like "1h30m".
+
+DURATION_PATTERN = r"^[0-9]{1,9}[smhdw]$"
+DURATION_MAX_LENGTH = 10
+MIN_REFRESH_INTERVAL = timedelta(minutes=1)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_PART = re.compile(r"([0-9]+)([smhdw])")
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90d' -> 90 days. Accepts s, m, h, d, w and sums compound forms ('1h30m')."""
+    text = text.strip()
+    if not text or _DURATION_PART.sub("", text):
+        raise ValueError(f"invalid duration {text!r}: expected e.g. '30s', '15m', '6h', '90d', '2w'")
+    seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+    return timedelta(seconds=seconds)
+
+
+def _positive_duration(value: str) -> str:
+    if parse_duration(value) <= timedelta(0):
+        raise ValueError(f"duration {value!r} must be greater than zero")
+    return value
+
+
+Duration = Annotated[
+    str,
+    Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH),
+    AfterValidator(_positive_duration),
+]
+
+# Cron: five fields or a macro, like a Kubernetes CronJob (no seconds field, no CRON_TZ= prefix).
+CRON_PATTERN = r"^(@(annually|yearly|monthly|weekly|daily|midnight|hourly)|\S+( +\S+){4})$"
+
+
+def _valid_cron(value: str) -> str:
+    if not croniter.is_valid(value):
+        raise ValueError(f"invalid cron expression {value!r}")
+    return value
+
+
+def _valid_time_zone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {value!r}") from exc
+    return value
+
+
+Cron = Annotated[str, Field(pattern=CRON_PATTERN, max_length=100), AfterValidator(_valid_cron)]
+TimeZone = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_valid_time_zone)]
+# Kubernetes resource quantity, e.g. "512Mi", "4Gi".
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$"
+Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=32)]
+
+
+class CamelModel(BaseModel):
+    """Base for spec models: camelCase on the wire, unknown fields rejected (typos fail loudly)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, alias_generator=to_camel)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spec
+
+
+class LoRASpec(CamelModel):
+    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="LoRA scaling factor alpha.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout applied to the LoRA layers.")
+    target_modules: list[str] = Field(
+        default_factory=list,
+        description="Module names to adapt (e.g. q_proj, v_proj). Empty: PEFT's 'all-linear'.",
+    )
+
+
+class ModelSpec(CamelModel):
+    base: str = Field(
+        default="",
+        max_length=512,
+        description="Base causal LM: a Hugging Face model id or a path in the workloads image. "
+        "Empty: bootstrap a small model from scratch (demo and tests).",
+    )
+    lora: LoRASpec = Field(default_factory=LoRASpec, description="LoRA adapter hyperparameters.")
+
+
+class DataSpec(CamelModel):
+    interactions: str = Field(
+        default="synthetic",
+        min_length=1,
+        max_length=1024,
+        description="Interaction log source URI: 'synthetic' (deterministic drift generator), "
+        "'movielens:<path>', a CSV/Parquet path, or 'postgres' for the store's own interactions table.",
+    )
+    clusters: str = Field(
+        default="",
+        max_length=1024,
+        description="Cluster catalogue source URI. Empty: derived from the interactions source "
+        "(synthetic catalogue, MovieLens genres).",
+    )
+    positive_threshold: float = Field(
+        default=4.0, description="An interaction is positive when its rating/value is at least this."
+    )
+    context_length: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="k: the number of distinct recent clusters that make a user's state.",
+    )
+
+
+class SecretKeyRef(CamelModel):
+    name: str = Field(..., min_length=1, max_length=253, description="Name of a Secret in the policy's namespace.")
+    key: str = Field(default="dsn", min_length=1, max_length=253, description="Key in the Secret holding the value.")
+
+
+class StoreSpec(CamelModel):
+    secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the PostgreSQL DSN, passed to jobs as RECUPDATE_STORE_DSN. "
+        "Absent: jobs use the DSN the operator itself was given (local mode: the embedded store).",
+    )
+    db_schema: str = Field(
+        default="",
+        alias="schema",
+        max_length=63,
+        pattern=r"^([a-z_][a-z0-9_]*)?$",
+        description="PostgreSQL schema holding this policy's registry, snapshots and tables. "
+        "Empty: the policy name, sanitized (see schema_name). Immutable once set.",
+    )
+
+
+class ConcurrencyPolicy(StrEnum):
+    FORBID = "Forbid"
+    REPLACE = "Replace"
+    ALLOW = "Allow"
+
+
+class Hyperparameters(CamelModel):
+    epochs: int = Field(default=1, ge=1, le=1000, description="Training epochs over the curated triples.")
+    learning_rate: float = Field(default=2e-4, gt=0.0, le=1.0, description="Optimizer learning rate.")
+    batch_size: int = Field(default=16, ge=1, le=65536, description="Per-worker batch size.")
+    max_per_pair: int = Field(
+        default=100,
+        ge=0,
+        description="Cap on training triples per (c1, c2) pair, against head pairs dominating. 0: no cap.",
+    )
+    with_evidence: bool = Field(
+        default=True,
+        description="Train with RAG evidence in the prompt (each triple with the evidence as of its time).",
+    )
+
+
+class WorkerResources(CamelModel):
+    workers: int = Field(default=1, ge=1, le=1024, description="Ray Train workers.")
+    cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs per worker.")
+    gpus_per_worker: float = Field(default=0.0, ge=0.0, description="GPUs per worker (0: CPU training).")
+    memory_per_worker: Quantity = Field(default="4Gi", description="Memory per worker, a Kubernetes quantity.")
+
+
+class FineTuneSpec(CamelModel):
+    schedule: Cron = Field(default="0 3 1 * *", description="Cron schedule of LoRA fine-tunes (five fields or @macro).")
+    time_zone: TimeZone = Field(default="UTC", description="IANA time zone the schedule is read in.")
+    initial_run: bool = Field(
+        default=True,
+        description="Launch a fine-tune at once when the policy has never fine-tuned and has no active "
+        "release, instead of waiting for the first scheduled time.",
+    )
+    window: Duration = Field(default="365d", description="Training data window ending at the scheduled time.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training settings.")
+    resources: WorkerResources = Field(default_factory=WorkerResources, description="Ray Train workers.")
+    concurrency_policy: ConcurrencyPolicy = Field(
+        default=ConcurrencyPolicy.FORBID,
+        description="When a fine-tune is due while one runs: Forbid (wait for it), Replace (stop it, "
+        "launch the new one) or Allow (run both).",
+    )
+    starting_deadline_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        description="A scheduled fine-tune that could not start within this many seconds of its time is "
+        "skipped (like CronJob). Absent: a missed run starts late, whenever it can.",
+    )
+    backoff_limit: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Retries of a failed fine-tune (same scheduled time), with exponential delay.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="Wall-clock limit of one fine-tune job, after which it is stopped and fails.",
+    )
+
+
+class Scoring(StrEnum):
+    FREQUENCY = "frequency"
+    TREND = "trend"
+
+
+class RetrievalSpec(CamelModel):
+    refresh_interval: Duration = Field(
+        default="6h",
+        description="Interval of RAG refreshes, aligned to multiples of it since the Unix epoch (UTC).",
+    )
+    window: Duration = Field(default="30d", description="Evidence window: successors are counted over this period.")
+    top_successors: int = Field(
+        default=1,
+        ge=1,
+        le=100,
+        description="Successors per pair put into the prompt as evidence (the paper found 1 enough).",
+    )
+    scoring: Scoring = Field(
+        default=Scoring.FREQUENCY,
+        description="Evidence scoring: frequency (most frequent successors) or trend (largest rise between windows).",
+    )
+    min_support: int = Field(
+        default=5,
+        ge=1,
+        description="A pair with fewer observed transitions borrows evidence from its neighbours.",
+    )
+    neighbours: int = Field(
+        default=5,
+        ge=0,
+        le=100,
+        description="Nearest pairs (pgvector similarity) that sparse pairs borrow from. 0: none.",
+    )
+    max_staleness: Duration = Field(
+        default="24h",
+        description="The policy is Fresh while its active release's evidence is younger than this.",
+    )
+
+    @model_validator(mode="after")
+    def _check_intervals(self) -> RetrievalSpec:
+        # Same rules as the CEL rules in the CRD. Run ids have minute resolution: faster refreshes collide;
+        # a staleness bound below the interval would mark every policy stale between refreshes.
+        if parse_duration(self.refresh_interval) < MIN_REFRESH_INTERVAL:
+            raise ValueError("refreshInterval must be at least 1m")
+        if parse_duration(self.max_staleness) < parse_duration(self.refresh_interval):
+            raise ValueError("maxStaleness must be at least refreshInterval")
+        return self
+
+
+class Promotion(StrEnum):
+    AUTOMATIC = "Automatic"
+    MANUAL = "Manual"
+
+
+class GatesSpec(CamelModel):
+    min_exact_match: float = Field(
+        default=0.90,
+        ge=0.0,
+        le=1.0,
+        description="Minimum rate of generated answers that map exactly to a cluster.",
+    )
+    min_recall: float = Field(
+        default=0.015, ge=0.0, le=1.0, description="Minimum recall on the most recent held-out window."
+    )
+    max_regression: float = Field(
+        default=0.002,
+        ge=0.0,
+        le=1.0,
+        description="Largest allowed drop in recall against the active release on the same window (absolute).",
+    )
+    promotion: Promotion = Field(
+        default=Promotion.AUTOMATIC,
+        description="Automatic: promote every candidate that passes its gates. Manual: wait for the "
+        "annotation recupdate.io/approve=<release id>.",
+    )
+
+
+class ServeResources(CamelModel):
+    cpus: float = Field(default=1.0, gt=0.0, description="CPUs per Serve replica.")
+    gpus: float = Field(default=0.0, ge=0.0, description="GPUs per Serve replica.")
+    memory: Quantity = Field(default="2Gi", description="Memory per Serve replica, a Kubernetes quantity.")
+
+
+class ServingSpec(CamelModel):
+    enabled: bool = Field(default=True, description="Own a RayService that serves the active release.")
+    image: str = Field(default="", max_length=512, description="Serving image. Empty: runtime.image.")
+    replicas: int = Field(default=1, ge=0, le=1000, description="Serve replicas of the recommender deployment.")
+    resources: ServeResources = Field(default_factory=ServeResources, description="Per-replica resources.")
+    application_name: str = Field(
+        default="recommender", min_length=1, max_length=63, description="Ray Serve application name."
+    )
+    deployment_name: str = Field(
+        default="Recommender",
+        min_length=1,
+        max_length=63,
+        description="Ray Serve deployment name in the application.",
+    )
+
+
+class EnvVar(CamelModel):
+    name: str = Field(..., min_length=1, max_length=256, description="Environment variable name.")
+    value: str = Field(default="", description="Environment variable value.")
+
+
+class RuntimeSpec(CamelModel):
+    image: str = Field(
+        default="recupdate-workloads:0.1.0",
+        min_length=1,
+        max_length=512,
+        description="Workloads image for Ray jobs.",
+    )
+    ray_version: str = Field(default="2.60.0", min_length=1, max_length=32, description="Ray version in the image.")
+    cluster_selector: dict[str, str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Labels of an existing RayCluster to run jobs on, instead of a RayCluster per job.",
+    )
+    service_account_name: str = Field(
+        default="",
+        max_length=253,
+        description="Service account of job and serving pods. Empty: the namespace default.",
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables for job pods.")
+
+
+class HistorySpec(CamelModel):
+    successful_runs_limit: int = Field(default=3, ge=0, le=100, description="Finished successful jobs kept, per kind.")
+    failed_runs_limit: int = Field(default=1, ge=0, le=100, description="Finished failed jobs kept, per kind.")
+    releases_limit: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="Retired and rejected releases kept in the store (rollback targets).",
+    )
+
+
+class PolicySpec(CamelModel):
+    suspend: bool = Field(default=False, description="No new runs while true; running ones continue.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Base model and LoRA adapter.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Where interactions and clusters come from.")
+    store: StoreSpec = Field(default_factory=StoreSpec, description="The PostgreSQL + pgvector store.")
+    fine_tune: FineTuneSpec = Field(default_factory=FineTuneSpec, description="Scheduled LoRA fine-tunes.")
+    retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec, description="Interval RAG evidence refreshes.")
+    gates: GatesSpec = Field(default_factory=GatesSpec, description="Quality gates and promotion mode.")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="The owned RayService.")
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="Where and how jobs run.")
+    history: HistorySpec = Field(default_factory=HistorySpec, description="How much history is kept.")
+
+
+def schema_name(policy_name: str, spec: PolicySpec | None = None) -> str:
+    """The store schema of a policy: spec.store.schema, else the name as a PostgreSQL identifier."""
+    if spec is not None and spec.store.db_schema:
+        return spec.store.db_schema
+    name = re.sub(r"[^a-z0-9_]", "_", policy_name.lower())
+    if not name or not (name[0].isalpha() or name[0] == "_"):
+        name = "p_" + name
+    return name[:63]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Status
+
+
+class StatusModel(CamelModel):
+    # Status may come from a newer or older operator: ignore what we don't know.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, alias_generator=to_camel)
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    FRESH = "Fresh"
+    FINE_TUNING = "FineTuning"
+    REFRESHING = "Refreshing"
+    DEGRADED = "Degraded"
+    SPEC_VALID = "SpecValid"
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(StatusModel):
+    type: ConditionType = Field(..., description="Condition type.")
+    status: ConditionStatus = Field(..., description="True, False or Unknown.")
+    reason: str = Field(default="", max_length=1024, description="One CamelCase word saying why.")
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    last_transition_time: datetime | None = Field(default=None, description="When status last changed.")
+    observed_generation: int | None = Field(default=None, description="The spec generation this condition reflects.")
+
+
+class RunKind(StrEnum):
+    FINETUNE = "finetune"
+    REFRESH = "refresh"
+
+
+class RunResult(StrEnum):
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class RunRef(StatusModel):
+    run_id: str = Field(..., description="Run id; also the name of its RayJob.")
+    kind: RunKind = Field(..., description="finetune or refresh.")
+    job_name: str = Field(default="", description="Name of the RayJob (or local job) running it.")
+    scheduled_at: datetime | None = Field(default=None, description="The scheduled time the run was launched for.")
+    attempt: int = Field(default=0, ge=0, description="0 for the first try of a scheduled time, n for its n-th retry.")
+    generation: int | None = Field(default=None, description="The spec generation the run was launched for.")
+    config_hash: str = Field(
+        default="", description="Hash of the run's inputs, to tell whether a spec change affects it."
+    )
+    started_at: datetime | None = Field(default=None, description="When the run was launched.")
+    finished_at: datetime | None = Field(default=None, description="When the run finished.")
+    result: RunResult = Field(default=RunResult.RUNNING, description="Running, Succeeded or Failed.")
+    reason: str = Field(default="", description="Why it ended so (e.g. JobFailed, JobDeleted, Replaced).")
+    message: str = Field(default="", description="Details, e.g. the job's error.")
+
+
+class FailureCounts(StatusModel):
+    finetune: int = Field(default=0, ge=0, description="Consecutive failed fine-tunes (drives backoff).")
+    refresh: int = Field(default=0, ge=0, description="Consecutive failed refreshes (drives backoff).")
+
+
+class PolicyStatus(StatusModel):
+    observed_generation: int | None = Field(default=None, description="The spec generation last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Fresh, FineTuning, ...")
+    active_release: str | None = Field(default=None, description="The release the registry marks active.")
+    active_release_evidence_at: datetime | None = Field(
+        default=None, description="End of the evidence window of the active release (for Fresh)."
+    )
+    served_release: str | None = Field(default=None, description="The release the RayService was last rolled to.")
+    candidate_release: str | None = Field(
+        default=None,
+        description="The newest candidate that passed its gates but is held (Manual promotion, spec change).",
+    )
+    last_fine_tune: RunRef | None = Field(default=None, description="The latest finished or running fine-tune.")
+    last_refresh: RunRef | None = Field(default=None, description="The latest finished or running refresh.")
+    active_runs: list[RunRef] = Field(default_factory=list, description="Runs in flight.")
+    failures: FailureCounts = Field(default_factory=FailureCounts, description="Consecutive failures per kind.")
+    fine_tune_scheduled_at: datetime | None = Field(
+        default=None, description="The latest scheduled fine-tune time that was launched or skipped."
+    )
+    refresh_scheduled_at: datetime | None = Field(
+        default=None, description="The latest scheduled refresh time that was launched or skipped."
+    )
+    next_fine_tune_at: datetime | None = Field(default=None, description="When the next fine-tune is due.")
+    next_refresh_at: datetime | None = Field(default=None, description="When the next refresh is due.")
+    handled_approval: str | None = Field(default=None, description="The last recupdate.io/approve value acted on.")
+    handled_rollback: str | None = Field(default=None, description="The last recupdate.io/rollback-to value acted on.")
+
+
+class RecommenderUpdatePolicy(CamelModel):
+    """The whole object, for documentation and for tests; the operator reads spec and status separately."""
+
+    api_version: str = Field(default=API_VERSION, description="API version.")
+    kind: str = Field(default=KIND, description="Kind.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Object metadata.")
+    spec: PolicySpec = Field(default_factory=PolicySpec, description="Desired behaviour.")
+    status: PolicyStatus | None = Field(default=None, description="Observed state, written by the operator.")

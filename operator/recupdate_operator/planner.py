@@ -1,0 +1,1024 @@
+"""The controller's brain, pure: (policy, status, observed jobs, registry, now) -> Plan.
+
+No I/O, no kopf, no Kubernetes client, no Ray: the same function drives the operator (handlers.py) and
+local mode on a simulated clock, and is tested table-driven without any of them.
+
+How a caller applies a Plan:
+  1. Read the observed jobs (the policy's RayJobs or local jobs) first, then the registry, then call plan().
+  2. Apply `plan.actions` in order. If one fails, stop and do NOT write the status: the next reconcile
+     recomputes the same decisions (launches are idempotent by their deterministic names; promotions are
+     derived from the registry, and RollServe from registry-active vs status.servedRelease).
+  3. Patch the status subresource with `plan.status_patch()` (JSON merge patch: None deletes a key).
+  4. Reconcile again at `plan.wake_at` at the latest (a timer), or on any change of the policy or its jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from . import schedule
+from .api import (
+    ANNOTATION_APPROVE,
+    ANNOTATION_ROLLBACK,
+    ConcurrencyPolicy,
+    ConditionStatus,
+    ConditionType,
+    PolicySpec,
+    PolicyStatus,
+    Promotion,
+    RunKind,
+    RunRef,
+    RunResult,
+    parse_duration,
+    schema_name,
+)
+from .conditions import get_condition, set_condition
+
+# A job launched this recently may not be visible yet (informer cache, API latency): not "deleted" yet.
+JOB_APPEAR_GRACE = timedelta(seconds=60)
+# RayJob status.jobDeploymentStatus values that mean the job will not change any more. ValidationFailed
+# (KubeRay >= 1.3) never runs, so it is as final as Failed.
+TERMINAL_DEPLOYMENT_STATUSES = frozenset({"Complete", "Failed", "ValidationFailed"})
+# Failure reasons that are decisions, not faults: they do not count toward backoff or trigger retries.
+NOT_A_FAULT = frozenset({"Replaced"})
+
+_KIND_ABBREV = {RunKind.FINETUNE: "ft", RunKind.REFRESH: "rf"}
+_RUN_ID_SUFFIX = re.compile(r"-(ft|rf)-(\d{12})(?:-r(\d+))?$")
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The policy object as the planner needs it. `spec` may be raw (a dict from the API server).
+
+    creation_timestamp matters: scheduled times before it are not missed runs, and it names the initial
+    fine-tune. Local mode should pass a fixed one too.
+    """
+
+    name: str
+    namespace: str
+    spec: PolicySpec | Mapping[str, Any]
+    generation: int = 1
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    creation_timestamp: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ObservedJob:
+    """One run's job as observed (a RayJob, or a local job reporting the same vocabulary). Pass only the
+    policy's own jobs (label api.LABEL_POLICY).
+
+    kind, run_id and generation come from the job's labels (api.LABEL_*); the statuses from RayJob
+    status.jobDeploymentStatus and status.jobStatus; reason/message from status.reason/message;
+    start_time from status.startTime, else metadata.creationTimestamp; end_time from status.endTime.
+    """
+
+    name: str
+    kind: RunKind
+    run_id: str
+    generation: int | None = None
+    job_deployment_status: str = ""
+    job_status: str = ""
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    message: str = ""
+    reason: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.job_deployment_status in TERMINAL_DEPLOYMENT_STATUSES
+
+    @property
+    def succeeded(self) -> bool:
+        # KubeRay also reports Complete when the Ray job itself FAILED (DESIGN.md section 5).
+        return self.job_deployment_status == "Complete" and self.job_status == "SUCCEEDED"
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A row of the store's runs table. status: running, succeeded or failed."""
+
+    run_id: str
+    kind: RunKind
+    status: str
+    error: str | None = None
+    release_id: str | None = None  # the candidate this run registered, when the store links them
+
+
+@dataclass(frozen=True)
+class ReleaseView:
+    """A row of the store's releases table. state: candidate, active, rejected or retired.
+
+    gates is what the workload wrote: {"passed": bool} and/or {gate: {"passed": bool, "value": ...,
+    "threshold": ...}}. evidence_at is the end of the evidence window of its snapshot (for Fresh).
+    """
+
+    release_id: str
+    state: str
+    gates: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    activated_at: datetime | None = None
+    evidence_at: datetime | None = None
+    run_id: str | None = None  # the run that produced it, when known
+    adapter_uri: str | None = None
+    table_version: str | None = None
+
+
+@dataclass(frozen=True)
+class RegistryView:
+    """What the store says. error is set (and the rest empty) when the store could not be read."""
+
+    runs: Sequence[RunView] = ()
+    releases: Sequence[ReleaseView] = ()
+    error: str | None = None
+
+    def run(self, run_id: str) -> RunView | None:
+        return next((r for r in self.runs if r.run_id == run_id), None)
+
+    def release(self, release_id: str) -> ReleaseView | None:
+        return next((r for r in self.releases if r.release_id == release_id), None)
+
+    def active(self) -> ReleaseView | None:
+        return next((r for r in self.releases if r.state == "active"), None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Actions: what the caller must do, in order. Every decision also comes with an Event.
+
+
+@dataclass(frozen=True)
+class LaunchRun:
+    """Create the job `job_name` running `python -m recupdate_workloads.<kind> --config <config> --run-id
+    <run_id>`, labelled with kind, run_id and generation. `config` is JSON-ready (see run_config)."""
+
+    kind: RunKind
+    run_id: str
+    job_name: str
+    config: Mapping[str, Any]
+    generation: int
+    scheduled_at: datetime
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    """Delete the job (stop it if running). reason: Replaced (concurrencyPolicy) or History (pruning)."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecordRun:
+    """Record a run's end in the store's runs table, unless the workload already did (status final)."""
+
+    run_id: str
+    kind: RunKind
+    result: RunResult
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Promote:
+    """Activate a candidate in the store (one transaction: the old active one becomes retired)."""
+
+    release_id: str
+    reason: Literal["Automatic", "Manual"]
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Mark a candidate rejected in the store; it will never be promoted or rolled back to."""
+
+    release_id: str
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Re-activate an earlier (retired or candidate) release in the store, as Promote does."""
+
+    release_id: str
+
+
+@dataclass(frozen=True)
+class RollServe:
+    """Create or update the owned RayService so Serve's user_config is `user_config`
+    ({release_id, adapter_uri, table_version, store_schema}); a reconfigure, not a redeploy."""
+
+    release_id: str
+    user_config: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class StopServe:
+    """Delete the owned RayService (serving.enabled turned false)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class PruneReleases:
+    """Delete these retired/rejected releases (and what only they reference) from the store."""
+
+    release_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event on the policy. type: Normal or Warning."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+Action = LaunchRun | DeleteJob | RecordRun | Promote | Reject | Rollback | RollServe | StopServe | PruneReleases | Event
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    status: PolicyStatus
+    wake_at: datetime | None = None  # reconcile again by then, even if nothing changes
+
+    def status_patch(self) -> dict[str, Any]:
+        """The status as a JSON merge patch body (camelCase; None clears a field)."""
+        return self.status.model_dump(mode="json", by_alias=True)
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        """The actions of one type, e.g. plan.of(LaunchRun)."""
+        return [a for a in self.actions if isinstance(a, kind)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Naming and run configs
+
+
+def _dns_label(text: str) -> str:
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-") or "policy"
+
+
+def run_name(policy: str, kind: RunKind, scheduled_at: datetime, attempt: int = 0) -> str:
+    """`<policy>-ft-<yyyymmddhhmm>` (or -rf-), `-r<n>` for retries: a DNS-1123 label of at most 63 chars.
+
+    Derived only from the policy and the scheduled time, so a restarted operator finds the job it already
+    launched instead of launching another. Long policy names are cut and get a hash, to stay unique.
+    """
+    stamp = scheduled_at.astimezone(UTC).strftime("%Y%m%d%H%M")
+    suffix = f"-{_KIND_ABBREV[kind]}-{stamp}" + (f"-r{attempt}" if attempt else "")
+    base = _dns_label(policy)
+    room = 63 - len(suffix)
+    if len(base) > room:
+        digest = hashlib.sha256(policy.encode()).hexdigest()[:6]
+        base = base[: room - 7].rstrip("-") + "-" + digest
+    return base + suffix
+
+
+def parse_run_name(name: str) -> tuple[datetime, int] | None:
+    """(scheduled_at, attempt) from a name made by run_name, else None."""
+    m = _RUN_ID_SUFFIX.search(name)
+    if not m:
+        return None
+    when = datetime.strptime(m.group(2), "%Y%m%d%H%M").replace(tzinfo=UTC)
+    return when, int(m.group(3) or 0)
+
+
+def _config_inputs(policy: str, namespace: str, spec: PolicySpec, kind: RunKind) -> dict[str, Any]:
+    """The parts of the spec a run's result depends on (not its schedule): also what config_hash covers."""
+
+    def dump(model: Any, include: set[str] | None = None) -> Any:
+        return model.model_dump(mode="json", by_alias=True, include=include)
+
+    inputs: dict[str, Any] = {
+        "kind": kind.value,
+        "policy": policy,
+        "namespace": namespace,
+        "storeSchema": schema_name(policy, spec),
+        "model": dump(spec.model),
+        "data": dump(spec.data),
+        "retrieval": dump(spec.retrieval, {"window", "top_successors", "scoring", "min_support", "neighbours"}),
+        "gates": dump(spec.gates, {"min_exact_match", "min_recall", "max_regression"}),
+    }
+    if kind == RunKind.FINETUNE:
+        inputs["fineTune"] = dump(spec.fine_tune, {"window", "hyperparameters", "resources"})
+    return inputs
+
+
+def config_hash(policy: str, namespace: str, spec: PolicySpec, kind: RunKind) -> str:
+    blob = json.dumps(_config_inputs(policy, namespace, spec, kind), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_config(
+    policy: str,
+    namespace: str,
+    spec: PolicySpec,
+    kind: RunKind,
+    run_id: str,
+    scheduled_at: datetime,
+    active_release: str | None,
+) -> dict[str, Any]:
+    """The entrypoint's --config (DESIGN.md section 4): the relevant spec sections in camelCase, plus
+
+    runId, kind, policy, namespace, storeSchema, activeRelease (the release serving at launch: the
+    adapter a refresh infers with, and the baseline of the regression gate, or null), and
+    window {start, end} (RFC 3339, [start, end)): the data window ending at the scheduled time.
+    """
+    length = parse_duration(spec.fine_tune.window if kind == RunKind.FINETUNE else spec.retrieval.window)
+    end = scheduled_at.astimezone(UTC)
+    return {
+        "runId": run_id,
+        "activeRelease": active_release,
+        "window": {"start": _iso(end - length), "end": _iso(end)},
+        **_config_inputs(policy, namespace, spec, kind),
+    }
+
+
+def gates_verdict(gates: Mapping[str, Any]) -> tuple[bool, list[str]]:
+    """(passed, reasons it failed) from a release's gates, as written by the workload."""
+    failed: list[str] = []
+    checks = 0
+    for name, gate in gates.items():
+        if isinstance(gate, Mapping) and "passed" in gate:
+            checks += 1
+            if not gate["passed"]:
+                detail = ""
+                if "value" in gate and "threshold" in gate:
+                    detail = f" ({gate['value']} vs {gate['threshold']})"
+                failed.append(f"{name}{detail}")
+    overall = gates.get("passed")
+    if isinstance(overall, bool):
+        if not overall and not failed:
+            failed.append("gates failed")
+        return overall and not failed, failed
+    if checks == 0:
+        return False, ["no gates recorded"]
+    return not failed, failed
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _fmt(t: datetime | None) -> str:
+    return _iso(t) if t else "never"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The planner
+
+
+def plan(
+    policy: Policy,
+    status: PolicyStatus | Mapping[str, Any] | None,
+    observed_jobs: Iterable[ObservedJob],
+    registry: RegistryView,
+    now: datetime,
+) -> Plan:
+    """Decide what to do now. Never raises on bad input: an invalid spec gives SpecValid=False."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return _Planner(policy, status, list(observed_jobs), registry, now.astimezone(UTC)).run()
+
+
+class _Planner:
+    def __init__(
+        self,
+        policy: Policy,
+        status: PolicyStatus | Mapping[str, Any] | None,
+        jobs: list[ObservedJob],
+        registry: RegistryView,
+        now: datetime,
+    ) -> None:
+        self.policy = policy
+        self.jobs = {j.run_id: j for j in jobs}
+        self.registry = registry
+        self.now = now
+        self.actions: list[Action] = []
+        self.wake: list[datetime] = []
+        self.s = self._parse_status(status)
+        self.s.observed_generation = policy.generation
+        self.waiting: dict[RunKind, str] = {}  # why a due run did not launch, for the conditions
+        self.spec = PolicySpec()
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.actions.append(Event(type_, reason, message))
+
+    def condition(self, type_: ConditionType, status: ConditionStatus | bool, reason: str, msg: str) -> None:
+        self.s.conditions = set_condition(
+            self.s.conditions, type_, status, reason, msg, self.now, self.policy.generation
+        )
+
+    def _parse_status(self, raw: PolicyStatus | Mapping[str, Any] | None) -> PolicyStatus:
+        if isinstance(raw, PolicyStatus):
+            return raw.model_copy(deep=True)
+        try:
+            return PolicyStatus.model_validate(dict(raw or {}))
+        except ValidationError as exc:
+            self.event("Warning", "StatusReset", f"unreadable status was reset: {_short(exc)}")
+            return PolicyStatus()
+
+    def last(self, kind: RunKind) -> RunRef | None:
+        return self.s.last_fine_tune if kind == RunKind.FINETUNE else self.s.last_refresh
+
+    def set_last(self, kind: RunKind, ref: RunRef) -> None:
+        if kind == RunKind.FINETUNE:
+            self.s.last_fine_tune = ref
+        else:
+            self.s.last_refresh = ref
+
+    def active(self, kind: RunKind) -> list[RunRef]:
+        return [r for r in self.s.active_runs if r.kind == kind]
+
+    def scheduled_mark(self, kind: RunKind) -> datetime | None:
+        return self.s.fine_tune_scheduled_at if kind == RunKind.FINETUNE else self.s.refresh_scheduled_at
+
+    def mark_scheduled(self, kind: RunKind, when: datetime) -> None:
+        mark = self.scheduled_mark(kind)
+        if mark is not None and mark >= when:
+            return
+        if kind == RunKind.FINETUNE:
+            self.s.fine_tune_scheduled_at = when
+        else:
+            self.s.refresh_scheduled_at = when
+
+    def failures(self, kind: RunKind) -> int:
+        return self.s.failures.finetune if kind == RunKind.FINETUNE else self.s.failures.refresh
+
+    def set_failures(self, kind: RunKind, n: int) -> None:
+        if kind == RunKind.FINETUNE:
+            self.s.failures.finetune = n
+        else:
+            self.s.failures.refresh = n
+
+    # -- main ----------------------------------------------------------------------------------------------
+
+    def run(self) -> Plan:
+        spec = self._validate_spec()
+        if spec is None:
+            return Plan(tuple(self.actions), self.s, None)
+        self.spec = spec
+        self._track_runs()
+        active = self._decide_releases()
+        for kind in (RunKind.FINETUNE, RunKind.REFRESH):
+            self._schedule(kind, active)
+        self._prune_jobs()
+        self._set_conditions(active)
+        wake = min(self.wake) if self.wake else None
+        return Plan(tuple(self.actions), self.s, wake)
+
+    def _validate_spec(self) -> PolicySpec | None:
+        raw = self.policy.spec
+        try:
+            spec = raw if isinstance(raw, PolicySpec) else PolicySpec.model_validate(dict(raw))
+        except (ValidationError, TypeError, ValueError) as exc:
+            message = _short(exc)
+            old = get_condition(self.s.conditions, ConditionType.SPEC_VALID)
+            if old is None or old.status != ConditionStatus.FALSE or old.message != message:
+                self.event("Warning", "InvalidSpec", message)
+            self.condition(ConditionType.SPEC_VALID, False, "InvalidSpec", message)
+            return None
+        self.condition(ConditionType.SPEC_VALID, True, "Valid", "")
+        return spec
+
+    # -- 1. runs in flight ---------------------------------------------------------------------------------
+
+    def _track_runs(self) -> None:
+        still: list[RunRef] = []
+        for ref in self.s.active_runs:
+            outcome = self._outcome(ref, self.jobs.get(ref.run_id))
+            if outcome is None:
+                still.append(ref)
+            else:
+                self._finish(ref, *outcome)
+        self.s.active_runs = still
+        self._adopt_orphans()
+
+    def _outcome(self, ref: RunRef, job: ObservedJob | None) -> tuple[RunResult, str, str, datetime] | None:
+        """The end of a run, or None while it is (or may be) still going."""
+        row = None if self.registry.error else self.registry.run(ref.run_id)
+        if job is None:
+            # The job is gone: trust the store if the run got that far (e.g. a TTL removed the job).
+            if row is not None and row.status in ("succeeded", "failed"):
+                result = RunResult.SUCCEEDED if row.status == "succeeded" else RunResult.FAILED
+                return result, "Registered", row.error or "", self.now
+            if self.registry.error:
+                return None  # cannot tell a deleted job from a finished one without the store
+            if ref.started_at is not None and self.now - ref.started_at < JOB_APPEAR_GRACE:
+                self.wake.append(ref.started_at + JOB_APPEAR_GRACE)
+                return None
+            return RunResult.FAILED, "JobDeleted", f"job {ref.job_name or ref.run_id} disappeared", self.now
+        if not job.terminal:
+            return None
+        end = job.end_time or self.now
+        if job.succeeded:
+            if row is not None and row.status == "failed":
+                return RunResult.FAILED, "RunFailed", row.error or "the run registered a failure", end
+            return RunResult.SUCCEEDED, "Completed", "", end
+        if job.job_deployment_status == "Complete":
+            reason = "JobFailed"
+            message = job.message or f"Ray job ended {job.job_status or 'without status'}"
+        else:
+            reason = job.reason or f"Job{job.job_deployment_status}"
+            message = job.message
+        return RunResult.FAILED, reason, message, end
+
+    def _finish(self, ref: RunRef, result: RunResult, reason: str, message: str, end: datetime) -> None:
+        kind = ref.kind
+        done = ref.model_copy(update={"result": result, "reason": reason, "message": message, "finished_at": end})
+        last = self.last(kind)
+        if last is None or last.run_id == ref.run_id or _after(ref.started_at, last.started_at):
+            self.set_last(kind, done)
+        self.actions.append(RecordRun(ref.run_id, kind, result, reason, message))
+        note = ""
+        if ref.generation is not None and ref.generation != self.policy.generation:
+            note = f" (launched for spec generation {ref.generation}, now {self.policy.generation})"
+        if result == RunResult.SUCCEEDED:
+            self.set_failures(kind, 0)
+            self.event("Normal", "RunSucceeded", f"{kind.value} {ref.run_id} succeeded{note}")
+            return
+        if reason in NOT_A_FAULT:
+            self.event("Normal", reason, f"{kind.value} {ref.run_id} stopped: {message}")
+            return
+        self.set_failures(kind, self.failures(kind) + 1)
+        detail = f": {message}" if message else ""
+        self.event("Warning", "RunFailed", f"{kind.value} {ref.run_id} failed ({reason}){detail}{note}")
+        limit = self.spec.fine_tune.backoff_limit
+        if kind == RunKind.FINETUNE and ref.attempt >= limit:
+            self.event(
+                "Warning",
+                "BackoffLimitExceeded",
+                f"fine-tune for {_fmt(ref.scheduled_at)} failed {ref.attempt + 1} time(s); "
+                "waiting for the next scheduled time",
+            )
+
+    def _adopt_orphans(self) -> None:
+        """Jobs the status does not know about: launched just before a status write was lost."""
+        known = {r.run_id for r in self.s.active_runs}
+        for job in sorted(self.jobs.values(), key=lambda j: (j.start_time or self.now, j.run_id)):
+            if job.run_id in known:
+                continue
+            last = self.last(job.kind)
+            if last is not None and (last.run_id == job.run_id or not _after(job.start_time, last.started_at)):
+                continue  # already recorded, or history
+            parsed = parse_run_name(job.run_id)
+            ref = RunRef(
+                run_id=job.run_id,
+                kind=job.kind,
+                job_name=job.name,
+                scheduled_at=parsed[0] if parsed else None,
+                attempt=parsed[1] if parsed else 0,
+                generation=job.generation,
+                started_at=job.start_time or self.now,
+            )
+            if ref.scheduled_at is not None:
+                self.mark_scheduled(job.kind, ref.scheduled_at)
+            self.set_last(job.kind, ref)
+            outcome = self._outcome(ref, job)
+            if outcome is None:
+                self.s.active_runs.append(ref)
+                self.event("Normal", "RunAdopted", f"{job.kind.value} {job.run_id} is running")
+            else:
+                self._finish(ref, *outcome)
+
+    # -- 2. releases ---------------------------------------------------------------------------------------
+
+    def _decide_releases(self) -> _Release | None:
+        """Rollback, approval, promotion and rejection of candidates, and rolling Serve. Returns the release
+        that is active once the actions are applied."""
+        if self.registry.error:
+            return None
+        reg_active = self.registry.active()
+        active = _Release.of(reg_active) if reg_active else None
+        touched: set[str] = set()
+
+        rollback_to = self.policy.annotations.get(ANNOTATION_ROLLBACK)
+        if rollback_to and rollback_to != self.s.handled_rollback:
+            self.s.handled_rollback = rollback_to
+            target = self.registry.release(rollback_to)
+            if target is None:
+                self.event("Warning", "RollbackRefused", f"release {rollback_to} does not exist")
+            elif target.state == "rejected":
+                self.event("Warning", "RollbackRefused", f"release {rollback_to} was rejected")
+            elif active is not None and active.id == rollback_to:
+                self.event("Normal", "RollbackNoop", f"release {rollback_to} is already active")
+            else:
+                self.actions.append(Rollback(rollback_to))
+                self.event("Normal", "RolledBack", f"release {rollback_to} re-activated")
+                active = _Release.of(target, activated_at=self.now)
+                touched.add(rollback_to)
+
+        approve = self.policy.annotations.get(ANNOTATION_APPROVE)
+        if approve and approve != self.s.handled_approval:
+            self.s.handled_approval = approve
+            target = self.registry.release(approve)
+            passed, reasons = gates_verdict(target.gates) if target else (False, [])
+            if target is None:
+                self.event("Warning", "ApprovalRefused", f"release {approve} does not exist")
+            elif active is not None and active.id == approve:
+                self.event("Normal", "ApprovalNoop", f"release {approve} is already active")
+            elif target.state != "candidate":
+                self.event("Warning", "ApprovalRefused", f"release {approve} is {target.state}, not a candidate")
+            elif not passed:
+                self.event("Warning", "ApprovalRefused", f"release {approve} failed its gates: {', '.join(reasons)}")
+            else:
+                self.actions.append(Promote(approve, "Manual"))
+                self.event("Normal", "Promoted", f"release {approve} promoted by approval")
+                active = _Release.of(target, activated_at=self.now)
+                touched.add(approve)
+
+        active = self._decide_candidates(active, touched)
+        self._roll_serve(active)
+        self._prune_releases(touched | ({active.id} if active else set()))
+        return active
+
+    def _decide_candidates(self, active: _Release | None, touched: set[str]) -> _Release | None:
+        candidates = sorted(
+            (r for r in self.registry.releases if r.state == "candidate" and r.release_id not in touched),
+            key=lambda r: (r.created_at or self.now, r.release_id),
+        )
+        running = {r.run_id for r in self.s.active_runs}
+        passing: list[tuple[ReleaseView, str]] = []  # (release, why it is held; "" if promotable)
+        for c in candidates:
+            producer = self._producer(c)
+            if producer in running:
+                continue  # registered before its job ended: decide once the run's outcome is known
+            passed, reasons = gates_verdict(c.gates)
+            if not passed:
+                self.actions.append(Reject(c.release_id, tuple(reasons)))
+                self.event("Warning", "GatesFailed", f"release {c.release_id} rejected: {', '.join(reasons)}")
+                continue
+            passing.append((c, self._hold_reason(c, producer, active)))
+
+        promotable = [c for c, held in passing if not held]
+        promoted = promotable[-1] if promotable else None
+        if promoted is not None:
+            self.actions.append(Promote(promoted.release_id, "Automatic"))
+            self.event("Normal", "Promoted", f"release {promoted.release_id} passed its gates and was promoted")
+            active = _Release.of(promoted, activated_at=self.now)
+
+        # A candidate older than the active release can only turn the clock back: superseded. (After a
+        # rollback the active release is old, so newer candidates stay, held by _hold_reason.)
+        held: list[tuple[ReleaseView, str]] = []
+        for c, why in passing:
+            if c is promoted:
+                continue
+            if active is not None and _after(active.created_at, c.created_at) and c.created_at is not None:
+                reason = f"superseded by {active.id}"
+                self.actions.append(Reject(c.release_id, (reason,)))
+                self.event("Normal", "Superseded", f"release {c.release_id} {reason}")
+            else:
+                held.append((c, why or "not promoted"))
+
+        newest_held = held[-1] if held else None
+        if newest_held is None:
+            self.s.candidate_release = None
+        elif self.s.candidate_release != newest_held[0].release_id:
+            self.s.candidate_release = newest_held[0].release_id
+            self.event("Normal", "CandidateHeld", f"release {newest_held[0].release_id}: {newest_held[1]}")
+        return active
+
+    def _producer(self, release: ReleaseView) -> str:
+        """The run that produced a release: its run_id, else the run linked to it, else a run of that name."""
+        if release.run_id:
+            return release.run_id
+        linked = next((r.run_id for r in self.registry.runs if r.release_id == release.release_id), None)
+        return linked or release.release_id
+
+    def _hold_reason(self, c: ReleaseView, producer: str, active: _Release | None) -> str:
+        # Decision: a candidate made under spec inputs that have since changed (model, data, retrieval, gates,
+        # fine-tune training settings) is not promoted automatically: it answers a question nobody asks any
+        # more. It stays a candidate that a person may still approve. Changes that do not affect a run's
+        # result (schedules, suspend, history, serving, runtime) do not hold it back.
+        ref = next((r for r in (self.s.last_fine_tune, self.s.last_refresh) if r and r.run_id == producer), None)
+        if ref is not None and self._spec_changed_since(ref):
+            return (
+                f"produced under spec generation {ref.generation}, whose inputs have changed since; approve to promote"
+            )
+        if self.spec.gates.promotion == Promotion.MANUAL:
+            return f"awaiting approval (annotate {ANNOTATION_APPROVE}={c.release_id})"
+        # After a rollback, candidates older than the active release must not undo it.
+        if active and active.activated_at and c.created_at and c.created_at < active.activated_at:
+            return f"older than the active release {active.id}; approve to promote"
+        return ""
+
+    def _spec_changed_since(self, ref: RunRef) -> bool:
+        if ref.config_hash:
+            current = config_hash(self.policy.name, self.policy.namespace, self.spec, ref.kind)
+            return ref.config_hash != current
+        return ref.generation is not None and ref.generation != self.policy.generation
+
+    def _roll_serve(self, active: _Release | None) -> None:
+        if not self.spec.serving.enabled:
+            if self.s.served_release is not None:
+                self.actions.append(StopServe("serving disabled"))
+                self.event("Normal", "ServeStopped", "serving.enabled is false")
+                self.s.served_release = None
+            return
+        if active is not None and self.s.served_release != active.id:
+            user_config = {
+                "release_id": active.id,
+                "adapter_uri": active.adapter_uri,
+                "table_version": active.table_version,
+                "store_schema": schema_name(self.policy.name, self.spec),
+            }
+            self.actions.append(RollServe(active.id, user_config))
+            self.event("Normal", "ServeUpdated", f"serving release {active.id}")
+            self.s.served_release = active.id
+
+    def _prune_releases(self, keep: set[str]) -> None:
+        # Count the release this plan retires (the active one, when another takes over) as retired already.
+        old = sorted(
+            (
+                r
+                for r in self.registry.releases
+                if (r.state in ("retired", "rejected") or r.state == "active") and r.release_id not in keep
+            ),
+            key=lambda r: (r.created_at or self.now, r.release_id),
+            reverse=True,
+        )
+        extra = tuple(r.release_id for r in old[self.spec.history.releases_limit :])
+        if extra:
+            self.actions.append(PruneReleases(extra))
+            self.event("Normal", "ReleasesPruned", f"pruned {len(extra)} old release(s): {', '.join(extra)}")
+
+    # -- 3. launches ---------------------------------------------------------------------------------------
+
+    def _schedule(self, kind: RunKind, active: _Release | None) -> None:
+        """Launch the run that is due for `kind`, if any and if allowed; set next*At."""
+        spec = self.spec
+        ft = spec.fine_tune
+        earliest = self.policy.creation_timestamp
+        mark = self.scheduled_mark(kind)
+        if kind == RunKind.FINETUNE:
+            latest = schedule.prev_cron_fire(ft.schedule, self.now, ft.time_zone)
+            upcoming = schedule.next_cron_fire(ft.schedule, self.now, ft.time_zone)
+        else:
+            interval = parse_duration(spec.retrieval.refresh_interval)
+            latest = schedule.prev_interval_fire(interval, self.now)
+            upcoming = schedule.next_interval_fire(interval, self.now)
+        due = schedule.missed_fire(latest, mark, earliest)
+
+        # A refresh re-infers with the serving adapter: nothing to refresh before a first release.
+        if kind == RunKind.REFRESH and self._active_id(active) is None:
+            self.waiting[kind] = "WaitingForRelease"
+            self._set_next(kind, None)
+            return
+
+        target: tuple[datetime, int, str] | None = None  # (scheduled_at, attempt, why)
+        if due is not None:
+            deadline = ft.starting_deadline_seconds if kind == RunKind.FINETUNE else None
+            if schedule.within_deadline(due, self.now, deadline):
+                target = (due, 0, "scheduled")
+            elif not spec.suspend:
+                self.mark_scheduled(kind, due)
+                self.event(
+                    "Warning",
+                    "MissedSchedule",
+                    f"{kind.value} scheduled for {_iso(due)} missed its starting deadline ({deadline}s); skipped",
+                )
+        last = self.last(kind)
+        if target is None and kind == RunKind.FINETUNE:
+            target = self._retry_or_initial(last, active)
+
+        if spec.suspend:
+            self.waiting[kind] = "Suspended"
+            self._set_next(kind, None)
+            return
+        next_at = upcoming
+        if target is not None:
+            next_at = self._try_launch(kind, target, active) or upcoming
+        self._set_next(kind, min(next_at, upcoming))
+
+    def _retry_or_initial(self, last: RunRef | None, active: _Release | None) -> tuple[datetime, int, str] | None:
+        ft = self.spec.fine_tune
+        if last is not None:
+            if (
+                last.result == RunResult.FAILED
+                and last.reason not in NOT_A_FAULT
+                and last.scheduled_at is not None
+                and last.attempt < ft.backoff_limit
+                and not self.active(RunKind.FINETUNE)
+            ):
+                return last.scheduled_at, last.attempt + 1, "retry"
+            return None
+        # Never fine-tuned and nothing to serve: bootstrap now rather than wait for the first scheduled time.
+        # The creation time (to the minute) names it, so a restart finds it again.
+        has_release = self._active_id(active) is not None
+        ever = any(r.kind == RunKind.FINETUNE for r in self.registry.runs) or self.active(RunKind.FINETUNE)
+        if ft.initial_run and not has_release and not ever and not self.registry.error:
+            when = (self.policy.creation_timestamp or self.now).astimezone(UTC)
+            return when.replace(second=0, microsecond=0), 0, "initial"
+        return None
+
+    def _try_launch(self, kind: RunKind, target: tuple[datetime, int, str], active: _Release | None) -> datetime | None:
+        """Launch `target` if nothing stops it. Returns when it may be tried again, if it is waiting."""
+        scheduled_at, attempt, why = target
+        if self.registry.error:
+            self.waiting[kind] = "RegistryUnavailable"
+            return None
+        wait_until = schedule.not_before(self._last_failure_end(kind), self.failures(kind))
+        if wait_until is not None and self.now < wait_until:
+            self.waiting[kind] = "Backoff"
+            self.wake.append(wait_until)
+            return wait_until
+        running = self.active(kind)
+        policy = self.spec.fine_tune.concurrency_policy if kind == RunKind.FINETUNE else ConcurrencyPolicy.FORBID
+        if running and policy == ConcurrencyPolicy.FORBID:
+            self.waiting[kind] = "ConcurrencyForbid"
+            return None
+        run_id = run_name(self.policy.name, kind, scheduled_at, attempt)
+        if run_id in self.jobs or self.registry.run(run_id) is not None or self._known(run_id):
+            self.mark_scheduled(kind, scheduled_at)  # launched before (status lost): never twice
+            return None
+        if running and policy == ConcurrencyPolicy.REPLACE:
+            for ref in running:
+                self.actions.append(DeleteJob(ref.job_name or ref.run_id, "Replaced"))
+                self.s.active_runs = [r for r in self.s.active_runs if r.run_id != ref.run_id]
+                self._finish(ref, RunResult.FAILED, "Replaced", f"replaced by {run_id}", self.now)
+        config = run_config(
+            self.policy.name,
+            self.policy.namespace,
+            self.spec,
+            kind,
+            run_id,
+            scheduled_at,
+            self._active_id(active),
+        )
+        self.actions.append(LaunchRun(kind, run_id, run_id, config, self.policy.generation, scheduled_at, attempt))
+        ref = RunRef(
+            run_id=run_id,
+            kind=kind,
+            job_name=run_id,
+            scheduled_at=scheduled_at,
+            attempt=attempt,
+            generation=self.policy.generation,
+            config_hash=config_hash(self.policy.name, self.policy.namespace, self.spec, kind),
+            started_at=self.now,
+        )
+        self.s.active_runs.append(ref)
+        self.set_last(kind, ref)
+        self.mark_scheduled(kind, scheduled_at)
+        what = {"scheduled": "", "retry": f" (retry {attempt})", "initial": " (initial)"}[why]
+        self.event("Normal", "Launched", f"{kind.value} {run_id} for {_iso(scheduled_at)}{what}")
+        return None
+
+    def _active_id(self, active: _Release | None) -> str | None:
+        # Without the store, the last known active release stands; with it, the store is the truth.
+        if self.registry.error:
+            return self.s.active_release
+        return active.id if active else None
+
+    def _last_failure_end(self, kind: RunKind) -> datetime | None:
+        last = self.last(kind)
+        return last.finished_at if last is not None else None
+
+    def _known(self, run_id: str) -> bool:
+        refs = [*self.s.active_runs, self.s.last_fine_tune, self.s.last_refresh]
+        return any(r is not None and r.run_id == run_id for r in refs)
+
+    def _set_next(self, kind: RunKind, when: datetime | None) -> None:
+        if when is not None:
+            self.wake.append(when)
+        if kind == RunKind.FINETUNE:
+            self.s.next_fine_tune_at = when
+        else:
+            self.s.next_refresh_at = when
+
+    # -- 4. history ----------------------------------------------------------------------------------------
+
+    def _prune_jobs(self) -> None:
+        deleted = {a.name for a in self.actions if isinstance(a, DeleteJob)}
+        running = {r.run_id for r in self.s.active_runs}
+        limits = {True: self.spec.history.successful_runs_limit, False: self.spec.history.failed_runs_limit}
+        for kind in RunKind:
+            for ok, limit in limits.items():
+                done = sorted(
+                    (
+                        j
+                        for j in self.jobs.values()
+                        if j.kind == kind and j.terminal and j.succeeded == ok and j.run_id not in running
+                    ),
+                    key=lambda j: (j.end_time or j.start_time or self.now, j.run_id),
+                    reverse=True,
+                )
+                pruned = [j.name for j in done[limit:] if j.name not in deleted]
+                for name in pruned:
+                    self.actions.append(DeleteJob(name, "History"))
+                    deleted.add(name)
+                if pruned:
+                    what = "successful" if ok else "failed"
+                    self.event("Normal", "JobsPruned", f"beyond the {what} {kind.value} history: {', '.join(pruned)}")
+
+    # -- 5. conditions -------------------------------------------------------------------------------------
+
+    def _set_conditions(self, active: _Release | None) -> None:
+        C = ConditionType
+        if self.registry.error:
+            self.condition(C.READY, ConditionStatus.UNKNOWN, "RegistryUnavailable", self.registry.error)
+            self.condition(C.FRESH, ConditionStatus.UNKNOWN, "RegistryUnavailable", self.registry.error)
+            self.condition(C.DEGRADED, True, "RegistryUnavailable", self.registry.error)
+        else:
+            self.s.active_release = active.id if active else None
+            self.s.active_release_evidence_at = active.evidence_at if active else None
+            self._ready_and_fresh(active)
+            self._degraded()
+        for kind, ctype in ((RunKind.FINETUNE, C.FINE_TUNING), (RunKind.REFRESH, C.REFRESHING)):
+            runs = self.active(kind)
+            if runs:
+                self.condition(ctype, True, "Running", ", ".join(r.run_id for r in runs))
+                continue
+            reason = self.waiting.get(kind, "Idle")
+            nxt = self.s.next_fine_tune_at if kind == RunKind.FINETUNE else self.s.next_refresh_at
+            self.condition(ctype, False, reason, f"next at {_fmt(nxt)}" if nxt else "")
+
+    def _ready_and_fresh(self, active: _Release | None) -> None:
+        C = ConditionType
+        if active is None:
+            self.condition(C.READY, False, "NoActiveRelease", "no release has been promoted yet")
+            self.condition(C.FRESH, False, "NoActiveRelease", "")
+            return
+        if not self.spec.serving.enabled:
+            self.condition(C.READY, True, "Active", f"release {active.id} is active; serving is disabled")
+        else:
+            self.condition(C.READY, True, "Serving", f"serving release {active.id}")
+        if active.evidence_at is None:
+            self.condition(C.FRESH, ConditionStatus.UNKNOWN, "NoEvidenceTime", f"release {active.id}")
+            return
+        limit = parse_duration(self.spec.retrieval.max_staleness)
+        age = self.now - active.evidence_at
+        if age <= limit:
+            self.condition(C.FRESH, True, "EvidenceFresh", f"evidence is {_age(age)} old (max {_age(limit)})")
+            self.wake.append(active.evidence_at + limit + timedelta(seconds=1))
+        else:
+            self.condition(C.FRESH, False, "Stale", f"evidence is {_age(age)} old (max {_age(limit)})")
+
+    def _degraded(self) -> None:
+        failed = [
+            r
+            for r in (self.s.last_fine_tune, self.s.last_refresh)
+            if r is not None and r.result == RunResult.FAILED and r.reason not in NOT_A_FAULT
+        ]
+        if failed and (self.s.failures.finetune or self.s.failures.refresh):
+            msg = "; ".join(f"{r.kind.value} {r.run_id}: {r.reason} {r.message}".strip() for r in failed)
+            self.condition(ConditionType.DEGRADED, True, "RunFailed", msg)
+        else:
+            self.condition(ConditionType.DEGRADED, False, "AsExpected", "")
+
+
+@dataclass(frozen=True)
+class _Release:
+    """The active release as this plan leaves it (after its own promotion or rollback)."""
+
+    id: str
+    created_at: datetime | None
+    activated_at: datetime | None
+    evidence_at: datetime | None
+    adapter_uri: str | None
+    table_version: str | None
+
+    @staticmethod
+    def of(r: ReleaseView, activated_at: datetime | None = None) -> _Release:
+        return _Release(
+            r.release_id, r.created_at, activated_at or r.activated_at, r.evidence_at, r.adapter_uri, r.table_version
+        )
+
+
+def _after(a: datetime | None, b: datetime | None) -> bool:
+    """a is later than b (unknown times count as not later, except against an unknown b)."""
+    if a is None:
+        return False
+    return b is None or a > b
+
+
+def _age(d: timedelta) -> str:
+    s = int(d.total_seconds())
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if (s >= n and s % n == 0) or s >= 10 * n:
+            return f"{s // n}{unit}"
+    return f"{s}s"
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        parts = []
+        for e in exc.errors()[:5]:
+            loc = ".".join(str(p) for p in e["loc"])
+            parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+        return "; ".join(parts)
+    return str(exc)[:500]
