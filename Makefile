@@ -10,7 +10,7 @@ PIP_FILTER := 2>&1 | sed -e '/is ignored: it is neither/d' -e '/BuildBackendWarn
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(TOOLS)/bin:$(PATH)
 
-.PHONY: demo test lint typecheck pytest venv tools manifests chart-lint bench clean
+.PHONY: demo test lint typecheck pytest venv tools bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,7 +29,8 @@ tools: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/recupdate demo
 
-test: $(STAMP) tools lint typecheck pytest
+# manifests-check is `make manifests` that fails instead of rewriting a stale generated file.
+test: $(STAMP) tools lint typecheck manifests-check chart-lint pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check operator workloads tests benchmarks
@@ -40,6 +41,8 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP) tools
 	$(BIN)/pytest -q -ra
+
+include Makefile.packaging
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,7 @@ tests/ has no __init__.py, so pytest puts tests/ on sys.path and the helpers imp
 """
 
 from k8s.fixtures import (  # noqa: F401  (pytest fixtures, used by name)
+    helm,
     helm_binary,
     k8s_cluster,
     k8s_cluster_thread,

@@ -13,7 +13,7 @@ import pytest
 
 from k8s.emulator import EmulatedCluster, ThreadedCluster, minimal_crd
 from k8s.kopf_runner import run_kopf
-from k8s.kubectl import Kubectl
+from k8s.kubectl import REPO_ROOT, Helm, Kubectl
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -43,6 +43,7 @@ spec:
       openAPIV3Schema:
         type: object
         properties:
+          metadata: {type: object}  # generated CRDs declare it; it must not prune metadata
           spec:
             type: object
             required: [fineTune]
@@ -328,6 +329,44 @@ async def test_kubectl_gets_custom_resources(k8s_cluster: EmulatedCluster, kubec
 
     await kubectl("delete", "widget", "good", check=True)
     assert k8s_cluster.objects("example.io", "v1", "widgets") == []
+
+
+async def test_helm_installs_upgrades_and_uninstalls(k8s_cluster: EmulatedCluster, helm: Helm, tmp_path: Any) -> None:
+    chart = tmp_path / "chart"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: demo\nversion: 0.1.0\n")
+    (chart / "values.yaml").write_text("entrypoint: python a.py\n")
+    (chart / "templates" / "job.yaml").write_text(
+        "apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: '{{ .Release.Name }}-job'}\n"
+        "spec: {entrypoint: '{{ .Values.entrypoint }}'}\n"
+    )
+    result = await helm("install", "r1", str(chart))
+    assert result.returncode == 0, result.stderr
+    job = k8s_cluster.get("ray.io", "v1", "rayjobs", "default", "r1-job")
+    assert job is not None and job["spec"] == {"entrypoint": "python a.py"}
+
+    result = await helm("upgrade", "r1", str(chart), "--set", "entrypoint=python b.py")
+    assert result.returncode == 0, result.stderr
+    job = k8s_cluster.get("ray.io", "v1", "rayjobs", "default", "r1-job")
+    assert job is not None and job["spec"] == {"entrypoint": "python b.py"} and job["metadata"]["generation"] == 2
+    releases = k8s_cluster.objects("", "v1", "secrets", label_selector="owner=helm,name=r1")
+    assert [r["metadata"]["labels"]["status"] for r in releases] == ["superseded", "deployed"]
+
+    result = await helm("uninstall", "r1")
+    assert result.returncode == 0, result.stderr
+    assert k8s_cluster.objects("ray.io", "v1", "rayjobs") == []
+
+
+async def test_the_projects_crd_is_served(k8s_cluster: EmulatedCluster, kubectl: Kubectl) -> None:
+    crd = REPO_ROOT / "manifests" / "crd" / "recommenderupdatepolicies.recupdate.io.yaml"
+    if not crd.exists():
+        pytest.skip(f"{crd} is not generated yet")
+    result = await kubectl("apply", "-f", str(crd))
+    assert result.returncode == 0, result.stderr
+    result = await kubectl("get", "rup")
+    assert result.returncode == 0, result.stderr
+    result = await kubectl("explain", "rup.spec")
+    assert result.returncode == 0 and "RecommenderUpdatePolicy" in result.stdout, result.stderr
 
 
 def test_threaded_cluster_serves_subprocesses(k8s_cluster_thread: ThreadedCluster, kubectl_sync: Kubectl) -> None:

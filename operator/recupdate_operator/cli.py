@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("recupdate_workloads.replay_cli", "replay update strategies over historical data"),
     "drift": ("recupdate_workloads.drift", "measure how fast successor sets drift between periods"),
     "crd": ("recupdate_operator.crd", "generate the CustomResourceDefinition from the API models"),
+    "manifests": ("recupdate_operator.manifests", "generate RBAC manifests and the chart's copies of the CRDs"),
     "operator": ("recupdate_operator.run", "run the Kubernetes operator (kopf)"),
     "local": ("recupdate_operator.local", "run one policy on this machine with embedded parts"),
     "serve": ("recupdate_workloads.serve_cli", "serve the active release of a local store"),

@@ -63,6 +63,15 @@ def rule_b(c1: int, c2: int, n: int) -> int:
     return (3 * c1 + c2 + 1) % n
 
 
+def rule_shift(k: int) -> Rule:
+    """c_next = c2 + k (mod n): a rule a tiny model learns in a few hundred steps."""
+
+    def rule(c1: int, c2: int, n: int) -> int:
+        return (c2 + k) % n
+
+    return rule
+
+
 def toy_catalogue(n: int = 10) -> Catalogue:
     if not 3 <= n <= len(_WORDS):
         raise ValueError(f"n must be in 3..{len(_WORDS)}")

@@ -1,0 +1,379 @@
+"""The release registry in the Postgres store, as the controller sees it (DESIGN.md section 4).
+
+Plain SQL through psycopg against the tables of workloads/recupdate_workloads/store/migrations/001_registry.sql,
+schema-qualified (one schema per policy, api.schema_name); the operator never imports the workloads. It reads
+runs and releases into a planner.RegistryView, and writes only what the controller decides: run outcomes the
+workload could not record, activation (one transaction: retire the active release, activate the new one),
+rejection and pruning.
+
+The DSN comes from the Secret of spec.store.secretRef (read with the kubernetes client, cached), else from the
+operator's own RECUPDATE_STORE_DSN. Errors become StoreError, whose message has been scrubbed of the DSN and
+any password (events.redact) and which chains no original exception (a traceback would carry its text).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .api import RunKind, RunResult, SecretKeyRef
+from .backends.base import PolicyRef
+from .events import SECRETS, redact
+from .planner import RecordRun, RegistryView, ReleaseView, RunView
+
+SECRET_TTL = 300.0  # seconds a DSN read from a Secret is reused
+CONNECT_TIMEOUT = 5
+STATEMENT_TIMEOUT_MS = 15_000
+MAX_IDLE_PER_DSN = 4
+RUNS_READ_LIMIT = 500  # the newest runs the planner sees (it needs in-flight and recent ones)
+_RESULT_STATUS = {RunResult.SUCCEEDED: "succeeded", RunResult.FAILED: "failed"}
+
+
+class StoreError(Exception):
+    """The store could not be reached or refused a statement. The message is scrubbed of secrets.
+    transient: a retry may succeed (connection and server errors), False for refusals (e.g. a rejected
+    release cannot be activated)."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(redact(message))
+        self.transient = transient
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DSN sources
+
+
+class SecretReader:
+    """Reads one key of a Secret with the kubernetes client; caches values for `ttl` seconds."""
+
+    def __init__(self, api_client: Any, ttl: float = SECRET_TTL, clock: Callable[[], float] = time.monotonic) -> None:
+        from kubernetes import client
+
+        self.api = client.CoreV1Api(api_client)
+        self.ttl = ttl
+        self.clock = clock
+        self._cache: dict[tuple[str, str, str], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, namespace: str, ref: SecretKeyRef) -> str:
+        key = (namespace, ref.name, ref.key)
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None and hit[1] > self.clock():
+            return hit[0]
+        from kubernetes.client.exceptions import ApiException
+
+        where = f"Secret {namespace}/{ref.name}"
+        try:
+            # rbac: "" secrets get
+            secret = self.api.read_namespaced_secret(ref.name, namespace, _request_timeout=(5, 30))
+        except ApiException as exc:
+            if exc.status == 404:
+                raise StoreError(f"{where} not found", transient=True) from None
+            raise StoreError(f"cannot read {where}: {exc.status} {exc.reason}") from None
+        except Exception as exc:
+            raise StoreError(f"cannot read {where}: {type(exc).__name__}") from None
+        data = secret.data or {}
+        if ref.key not in data:
+            raise StoreError(f"{where} has no key {ref.key!r}", transient=True)
+        try:
+            value = base64.b64decode(data[ref.key]).decode().strip()
+        except (ValueError, UnicodeDecodeError):
+            raise StoreError(f"{where} key {ref.key!r} is not valid base64 text") from None
+        SECRETS.add(value)
+        with self._lock:
+            self._cache[key] = (value, self.clock() + self.ttl)
+        return value
+
+    def invalidate(self, namespace: str, ref: SecretKeyRef) -> None:
+        with self._lock:
+            self._cache.pop((namespace, ref.name, ref.key), None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Connections
+
+
+class _Pool:
+    """Idle connections per DSN, reused across reconciles (threads take one each)."""
+
+    def __init__(self, max_idle: int = MAX_IDLE_PER_DSN) -> None:
+        self.max_idle = max_idle
+        self._idle: dict[str, list[psycopg.Connection]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(dsn: str) -> str:
+        return hashlib.sha256(dsn.encode()).hexdigest()
+
+    @contextlib.contextmanager
+    def connection(self, dsn: str) -> Iterator[psycopg.Connection]:
+        key = self._key(dsn)
+        conn: psycopg.Connection | None = None
+        with self._lock:
+            idle = self._idle.get(key) or []
+            while idle and conn is None:
+                candidate = idle.pop()
+                if not candidate.closed:
+                    conn = candidate
+        if conn is None:
+            conn = _connect(dsn)
+        ok = False
+        try:
+            yield conn
+            ok = True
+        finally:
+            broken = conn.closed or conn.broken
+            if not ok and not broken:
+                broken = conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+            if broken:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            else:
+                with self._lock:
+                    idle = self._idle.setdefault(key, [])
+                    if len(idle) < self.max_idle:
+                        idle.append(conn)
+                        conn = None
+                if conn is not None:
+                    conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for c in conns:
+            with contextlib.suppress(Exception):
+                c.close()
+
+
+def _connect(dsn: str) -> psycopg.Connection:
+    SECRETS.add(dsn)
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        conn.execute(f"SET statement_timeout = {int(STATEMENT_TIMEOUT_MS)}")
+        conn.execute("SET application_name = 'recupdate-operator'")
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to the store: {_pg_message(exc)}") from None
+    except Exception as exc:  # e.g. a DSN that is not a connection string at all
+        raise StoreError(f"cannot connect to the store: {type(exc).__name__}: {exc}") from None
+    return conn
+
+
+def _pg_message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return redact(text)[:500] or type(exc).__name__
+
+
+def _is_missing_relation(exc: BaseException) -> bool:
+    return isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    default_dsn: str | None = None  # the operator's own RECUPDATE_STORE_DSN, for policies without secretRef
+    runs_limit: int = RUNS_READ_LIMIT
+
+
+class Registry:
+    """The controller's access to each policy's registry. Thread-safe; one instance per operator."""
+
+    def __init__(self, secrets: SecretReader | None, settings: StoreSettings | None = None) -> None:
+        self.secrets = secrets
+        self.settings = settings or StoreSettings()
+        self.pool = _Pool()
+        SECRETS.add(self.settings.default_dsn)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- DSN -----------------------------------------------------------------------------------------------
+
+    def dsn(self, policy: PolicyRef) -> str:
+        ref = policy.spec.store.secret_ref
+        if ref is not None:
+            if self.secrets is None:
+                raise StoreError("no Kubernetes client to read spec.store.secretRef with", transient=False)
+            return self.secrets.get(policy.namespace, ref)
+        if self.settings.default_dsn:
+            return self.settings.default_dsn
+        raise StoreError(
+            "no store configured: set spec.store.secretRef, or give the operator RECUPDATE_STORE_DSN",
+            transient=True,
+        )
+
+    @contextlib.contextmanager
+    def _conn(self, policy: PolicyRef) -> Iterator[psycopg.Connection]:
+        dsn = self.dsn(policy)
+        try:
+            with self.pool.connection(dsn) as conn:
+                yield conn
+        except StoreError as exc:
+            if "cannot connect" in str(exc) and policy.spec.store.secret_ref is not None and self.secrets:
+                self.secrets.invalidate(policy.namespace, policy.spec.store.secret_ref)  # maybe rotated
+            raise
+        except psycopg.Error as exc:
+            if _is_missing_relation(exc):
+                raise
+            raise StoreError(f"store error: {_pg_message(exc)}") from None
+
+    @staticmethod
+    def _t(schema: str, table: str) -> sql.Composable:
+        return sql.Identifier(schema, table)
+
+    # -- reads ---------------------------------------------------------------------------------------------
+
+    def read(self, policy: PolicyRef) -> RegistryView:
+        """Runs and releases of the policy's schema, in one consistent snapshot. Never raises: an error gives
+        RegistryView(error=<scrubbed message>). A schema no job has created yet reads as empty."""
+        try:
+            return self._read(policy)
+        except StoreError as exc:
+            return RegistryView(error=str(exc))
+        except psycopg.Error as exc:
+            if _is_missing_relation(exc):
+                return RegistryView()
+            return RegistryView(error=f"store error: {_pg_message(exc)}")
+
+    def _read(self, policy: PolicyRef) -> RegistryView:
+        s = policy.schema
+        rel_q = sql.SQL(
+            "SELECT l.release_id, l.state, l.gates, l.metrics, l.created_at, l.activated_at,"
+            " CASE WHEN s.window_end IS NOT NULL THEN to_timestamp(s.window_end) ELSE s.created_at END,"
+            " l.run_id, l.adapter_uri, l.table_version"
+            " FROM {rel} l LEFT JOIN {snap} s ON s.snapshot_id = l.snapshot_id"
+            " ORDER BY l.created_at, l.release_id"
+        ).format(rel=self._t(s, "releases"), snap=self._t(s, "snapshots"))
+        run_q = sql.SQL(
+            "SELECT r.run_id, r.kind, r.status, r.error,"
+            " (SELECT l.release_id FROM {rel} l WHERE l.run_id = r.run_id ORDER BY l.created_at DESC LIMIT 1)"
+            " FROM {runs} r ORDER BY r.started_at DESC, r.run_id LIMIT %s"
+        ).format(rel=self._t(s, "releases"), runs=self._t(s, "runs"))
+        with self._conn(policy) as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            rel_rows = conn.execute(rel_q).fetchall()
+            run_rows = conn.execute(run_q, (self.settings.runs_limit,)).fetchall()
+        releases = [
+            ReleaseView(
+                release_id=r[0],
+                state=r[1],
+                gates=_json(r[2]),
+                metrics=_json(r[3]),
+                created_at=r[4],
+                activated_at=r[5],
+                evidence_at=r[6],
+                run_id=r[7],
+                adapter_uri=r[8],
+                table_version=str(r[9]) if r[9] is not None else None,
+            )
+            for r in rel_rows
+        ]
+        runs = []
+        for r in run_rows:
+            try:
+                kind = RunKind(r[1])
+            except ValueError:
+                continue  # e.g. 'bootstrap' rows of local mode
+            runs.append(RunView(run_id=r[0], kind=kind, status=r[2], error=r[3], release_id=r[4]))
+        return RegistryView(runs=tuple(reversed(runs)), releases=tuple(releases))
+
+    # -- writes --------------------------------------------------------------------------------------------
+
+    def record_run(self, policy: PolicyRef, action: RecordRun, now: datetime) -> None:
+        """Record a run's end unless it is already final (the workload's own record wins)."""
+        status = _RESULT_STATUS.get(action.result)
+        if status is None:
+            return
+        error = None
+        if action.result == RunResult.FAILED:
+            error = redact(f"{action.reason}: {action.message}" if action.message else action.reason)[:2000]
+        q = sql.SQL(
+            "INSERT INTO {runs} (run_id, kind, status, started_at, finished_at, error)"
+            " VALUES (%s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,"
+            " error = coalesce({runs}.error, EXCLUDED.error)"
+            " WHERE {runs}.status = 'running'"
+        ).format(runs=self._t(policy.schema, "runs"))
+        try:
+            with self._conn(policy) as conn:
+                conn.execute(q, (action.run_id, action.kind.value, status, now, now, error))
+        except psycopg.Error as exc:
+            if _is_missing_relation(exc):
+                return  # the run never got as far as creating its schema: nothing to record it in
+            raise StoreError(f"store error: {_pg_message(exc)}") from None
+
+    def activate(self, policy: PolicyRef, release_id: str, now: datetime) -> None:
+        """Make `release_id` the active release in one transaction: the active one is retired first (the
+        partial unique index allows one active release). Rejected or unknown releases are refused."""
+        rel = self._t(policy.schema, "releases")
+        try:
+            with self._conn(policy) as conn, conn.transaction():
+                row = conn.execute(
+                    sql.SQL("SELECT state FROM {} WHERE release_id = %s FOR UPDATE").format(rel), (release_id,)
+                ).fetchone()
+                if row is None:
+                    raise StoreError(f"release {release_id} does not exist", transient=False)
+                if row[0] == "rejected":
+                    raise StoreError(f"release {release_id} was rejected and cannot be activated", transient=False)
+                if row[0] == "active":
+                    return
+                conn.execute(sql.SQL("UPDATE {} SET state = 'retired' WHERE state = 'active'").format(rel))
+                conn.execute(
+                    sql.SQL("UPDATE {} SET state = 'active', activated_at = %s WHERE release_id = %s").format(rel),
+                    (now, release_id),
+                )
+        except psycopg.Error as exc:
+            raise StoreError(f"store error: {_pg_message(exc)}") from None
+
+    def reject(self, policy: PolicyRef, release_id: str, reasons: Sequence[str]) -> None:
+        """Mark a candidate rejected, keeping why in gates.reasons. Only candidates change."""
+        q = sql.SQL(
+            "UPDATE {} SET state = 'rejected', gates = gates || jsonb_build_object('reasons', %s::jsonb)"
+            " WHERE release_id = %s AND state = 'candidate'"
+        ).format(self._t(policy.schema, "releases"))
+        try:
+            with self._conn(policy) as conn:
+                conn.execute(q, (json.dumps([redact(r) for r in reasons]), release_id))
+        except psycopg.Error as exc:
+            raise StoreError(f"store error: {_pg_message(exc)}") from None
+
+    def prune(self, policy: PolicyRef, release_ids: Sequence[str]) -> None:
+        """Delete retired and rejected releases (never a candidate or the active one). Their transition tables
+        and snapshots stay: they belong to the workloads, which drop unreferenced versions."""
+        if not release_ids:
+            return
+        q = sql.SQL("DELETE FROM {} WHERE release_id = ANY(%s) AND state IN ('retired', 'rejected')").format(
+            self._t(policy.schema, "releases")
+        )
+        try:
+            with self._conn(policy) as conn:
+                conn.execute(q, (list(release_ids),))
+        except psycopg.Error as exc:
+            raise StoreError(f"store error: {_pg_message(exc)}") from None
+
+
+def _json(value: Any) -> Mapping[str, Any]:
+    if isinstance(value, Mapping):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return {}
+        return parsed if isinstance(parsed, Mapping) else {}
+    return {}

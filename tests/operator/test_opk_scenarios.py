@@ -1,0 +1,267 @@
+"""Acceptance scenarios: kopf runs the real handlers against the emulated API server and the embedded
+PostgreSQL registry; the test plays KubeRay (RayJob status) and the workloads (registry rows).
+
+Time is simulated with looptime (see opk_world): a day passes in well under a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import pytest
+import yaml
+from opk_world import FAILED_GATES, World
+
+from recupdate_operator import metrics
+
+pytestmark = [pytest.mark.looptime, pytest.mark.timeout(120)]
+MakeWorld = Callable[..., Awaitable[World]]
+DAY = 86400.0
+FIRST = "recs-ft-203001080030"  # the initial fine-tune: named after the policy's creation minute
+REFRESH_1 = "recs-rf-203001090000"  # the first daily refresh after a release exists
+
+
+async def _first_release(w: World, name: str = "recs") -> str:
+    """Create the policy, let its initial fine-tune succeed, wait until its release is served."""
+    await w.create_policy(name)
+    (job,) = await w.wait_jobs(1)
+    job_name = job["metadata"]["name"]
+    await w.succeed(job_name)
+    await w.wait_condition(name, "Ready", "True", "Serving")
+    return str(job_name)
+
+
+async def test_policy_to_ready(make_world: MakeWorld) -> None:
+    w = await make_world()
+    succeeded = metrics.value("recupdate_runs_total", {"kind": "finetune", "result": "Succeeded"}) or 0.0
+    async with w.operator():
+        await w.create_policy("recs")
+        (job,) = await w.wait_jobs(1)
+        assert job["metadata"]["name"] == FIRST
+        owner = job["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["controller"], owner["blockOwnerDeletion"]) == (
+            "RecommenderUpdatePolicy", "recs", True, True,
+        )  # fmt: skip
+        assert owner["uid"] == w.policy("recs")["metadata"]["uid"]
+        assert job["metadata"]["labels"]["recupdate.io/kind"] == "finetune"
+        assert "recupdate_workloads.finetune" in job["spec"]["entrypoint"]
+        await w.wait_condition("recs", "FineTuning", "True", "Running")
+        assert w.status("recs")["activeRuns"][0]["runId"] == FIRST
+
+        await w.succeed(FIRST)
+        await w.wait_condition("recs", "Ready", "True", "Serving")
+        status = w.status("recs")
+        assert (status["activeRelease"], status["servedRelease"]) == (FIRST, FIRST)
+        assert status["lastFineTune"]["result"] == "Succeeded"
+        assert status["activeRuns"] == []
+        assert w.releases() == {FIRST: "active"}
+        uc = w.served_user_config()
+        assert uc == {
+            "release_id": FIRST,
+            "adapter_uri": f"file:///adapters/{FIRST}",
+            "table_version": uc["table_version"] if uc else None,
+            "store_schema": w.schema,
+        }
+        assert isinstance(uc["table_version"], int)
+        svc = w.rayservice()
+        assert svc is not None and svc["metadata"]["ownerReferences"][0]["name"] == "recs"
+        assert w.condition("recs", "Fresh")["status"] == "True"
+        assert w.condition("recs", "Degraded")["status"] == "False"
+        assert w.condition("recs", "SpecValid")["status"] == "True"
+        assert status["nextRefreshAt"] == "2030-01-09T00:00:00Z"
+        assert status["nextFineTuneAt"] == "2030-01-14T03:00:00Z"
+        await w.wait_events("Launched", "RunSucceeded", "Promoted", "ServeUpdated")
+        assert metrics.value("recupdate_runs_total", {"kind": "finetune", "result": "Succeeded"}) == succeeded + 1
+        assert metrics.value("recupdate_active_release", {"namespace": "default", "policy": "recs", "release": FIRST}) == 1
+        staleness = metrics.value("recupdate_staleness_seconds", {"namespace": "default", "policy": "recs"})
+        assert staleness is not None and 0 <= staleness < 3600
+
+
+async def test_failed_job_keeps_serving_and_degrades(make_world: MakeWorld) -> None:
+    w = await make_world()
+    async with w.operator():
+        first = await _first_release(w)
+        jobs = await w.wait_jobs(2, timeout=2 * DAY)  # the next daily refresh
+        assert [j["metadata"]["name"] for j in jobs] == [first, REFRESH_1]
+        assert "recupdate_workloads.refresh" in jobs[1]["spec"]["entrypoint"]
+        await w.fail(REFRESH_1, "RuntimeError: evidence window is empty")
+
+        degraded = await w.wait_condition("recs", "Degraded", "True", "RunFailed")
+        assert REFRESH_1 in degraded["message"] and "evidence window is empty" in degraded["message"]
+        assert w.condition("recs", "Ready")["status"] == "True"  # still serving the previous release
+        status = w.status("recs")
+        assert (status["activeRelease"], status["servedRelease"]) == (first, first)
+        assert status["lastRefresh"]["result"] == "Failed" and status["failures"]["refresh"] == 1
+        assert w.served_user_config()["release_id"] == first  # type: ignore[index]
+        await w.wait(lambda: w.runs().get(REFRESH_1) == "failed")  # recorded by the operator for the workload
+        events = await w.wait_events("RunFailed")
+        assert any(e["type"] == "Warning" and REFRESH_1 in e["message"] for e in events if e["reason"] == "RunFailed")
+
+
+async def test_failed_gates_reject_the_candidate(make_world: MakeWorld) -> None:
+    w = await make_world()
+    async with w.operator():
+        first = await _first_release(w)
+        await w.wait_jobs(2, timeout=2 * DAY)
+        await w.succeed(REFRESH_1, gates=FAILED_GATES)
+        await w.wait(lambda: w.releases().get(REFRESH_1) == "rejected")
+        events = await w.wait_events("GatesFailed")
+        (gates_failed,) = [e for e in events if e["reason"] == "GatesFailed"]
+        assert gates_failed["type"] == "Warning" and "recall (0.004 vs 0.015)" in gates_failed["message"]
+        await w.wait(lambda: w.status("recs").get("lastRefresh", {}).get("result") == "Succeeded")
+        assert w.releases() == {first: "active", REFRESH_1: "rejected"}
+        status = w.status("recs")
+        assert (status["activeRelease"], status["servedRelease"]) == (first, first)
+        assert w.served_user_config()["release_id"] == first  # type: ignore[index]
+        assert w.condition("recs", "Degraded")["status"] == "False"  # a rejected candidate is not a fault
+
+
+@pytest.mark.parametrize("lose_status", [False, True], ids=["status-kept", "status-lost"])
+async def test_restart_mid_run_creates_no_duplicate_job(make_world: MakeWorld, lose_status: bool) -> None:
+    w = await make_world()
+    async with w.operator():
+        await w.create_policy("recs")
+        await w.wait_jobs(1)
+        await w.wait_condition("recs", "FineTuning", "True")
+    await w.set_job(FIRST, "Running", "RUNNING")
+    if lose_status:  # e.g. the operator died between creating the job and writing the status
+        await w.cluster.patch_status(
+            "recupdate.io/v1alpha1", "RecommenderUpdatePolicy", "recs",
+            {"activeRuns": None, "lastFineTune": None, "fineTuneScheduledAt": None, "conditions": None},
+        )  # fmt: skip
+    await asyncio.sleep(600)  # the operator is down for 10 minutes
+
+    async with w.operator() as controller:
+        await w.wait(lambda: controller.reconciles >= 1)
+        await w.wait_condition("recs", "FineTuning", "True", "Running")
+        await asyncio.sleep(3600)
+        assert w.job_names() == [FIRST]
+        assert w.status("recs")["activeRuns"][0]["runId"] == FIRST
+        if lose_status:
+            await w.wait_events("RunAdopted")
+        await w.succeed(FIRST)
+        await w.wait_condition("recs", "Ready", "True", "Serving")
+        assert w.job_names() == [FIRST]
+        assert w.releases() == {FIRST: "active"}
+
+
+async def test_suspend_and_resume(make_world: MakeWorld) -> None:
+    w = await make_world()
+    async with w.operator():
+        await w.create_policy("recs", w.spec(suspend=True))
+        await w.wait_condition("recs", "FineTuning", "False", "Suspended")
+        await asyncio.sleep(2 * DAY)
+        assert w.jobs() == []
+        assert "nextFineTuneAt" not in w.status("recs")
+        await w.patch_policy("recs", {"spec": {"suspend": False}})
+        (job,) = await w.wait_jobs(1)
+        assert job["metadata"]["name"] == FIRST  # the initial fine-tune, still named after creation
+        assert job["metadata"]["labels"]["recupdate.io/generation"] == "2"
+
+
+async def test_manual_approval(make_world: MakeWorld) -> None:
+    w = await make_world()
+    async with w.operator():
+        await w.create_policy("recs", w.spec(gates={"promotion": "Manual"}))
+        await w.wait_jobs(1)
+        await w.succeed(FIRST)
+        await w.wait(lambda: w.status("recs").get("candidateRelease") == FIRST)
+        events = await w.wait_events("CandidateHeld")
+        assert any("recupdate.io/approve=" + FIRST in e["message"] for e in events)
+        assert w.releases() == {FIRST: "candidate"}
+        assert w.rayservice() is None
+        assert w.condition("recs", "Ready")["status"] == "False"
+
+        await w.annotate("recs", approve=FIRST)
+        await w.wait_condition("recs", "Ready", "True", "Serving")
+        assert w.releases() == {FIRST: "active"}
+        assert w.served_user_config()["release_id"] == FIRST  # type: ignore[index]
+        status = w.status("recs")
+        assert status["handledApproval"] == FIRST and "candidateRelease" not in status
+        await w.wait_events("Promoted")
+
+
+async def test_rollback_annotation(make_world: MakeWorld) -> None:
+    w = await make_world()
+    async with w.operator():
+        first = await _first_release(w)
+        svc_before = w.rayservice()
+        await w.wait_jobs(2, timeout=2 * DAY)
+        await w.succeed(REFRESH_1)
+        await w.wait(lambda: (w.served_user_config() or {}).get("release_id") == REFRESH_1)
+        await w.wait(lambda: w.status("recs").get("activeRelease") == REFRESH_1)
+
+        await w.annotate("recs", rollback=first)
+        await w.wait(lambda: (w.served_user_config() or {}).get("release_id") == first)
+        await w.wait(lambda: w.status("recs").get("activeRelease") == first)
+        assert w.releases() == {first: "active", REFRESH_1: "retired"}
+        assert w.status("recs")["handledRollback"] == first
+        await w.wait_events("RolledBack")
+        # Rolling changed nothing in the RayService but user_config inside serveConfigV2.
+        svc_after = w.rayservice()
+        assert svc_before is not None and svc_after is not None
+        assert svc_after["spec"]["rayClusterConfig"] == svc_before["spec"]["rayClusterConfig"]
+        assert svc_after["spec"]["serveConfigV2"] == svc_before["spec"]["serveConfigV2"]  # back to `first`
+        await asyncio.sleep(DAY / 2)  # the rollback sticks: the newer candidate is not promoted again
+        assert w.status("recs")["activeRelease"] == first
+
+
+@pytest.mark.parametrize(
+    ("fine_tune", "retrieval", "expected"),
+    [
+        ({"schedule": "61 3 * * *"}, {}, "invalid cron expression"),  # matches the CRD's pattern
+        ({}, {"refreshInterval": "6h", "maxStaleness": "1h"}, "maxStaleness must be at least refreshInterval"),
+    ],
+    ids=["cron", "cel-rule"],
+)
+async def test_invalid_spec_is_reported_not_acted_on(
+    make_world: MakeWorld, fine_tune: dict[str, str], retrieval: dict[str, str], expected: str
+) -> None:
+    w = await make_world()
+    async with w.operator():
+        # The emulated apiserver validates against the CRD's schema but not its CEL rules: both pass it.
+        await w.create_policy("recs", w.spec(fineTune=fine_tune, retrieval=retrieval))
+        cond = await w.wait_condition("recs", "SpecValid", "False", "InvalidSpec")
+        assert expected in cond["message"]
+        events = await w.wait_events("InvalidSpec")
+        assert [e["type"] for e in events if e["reason"] == "InvalidSpec"] == ["Warning"]
+        await asyncio.sleep(DAY)
+        assert w.jobs() == []
+        assert len([e for e in w.events() if e["reason"] == "InvalidSpec"]) == 1  # reported once, not per retry
+
+        await w.patch_policy("recs", {"spec": w.spec()})
+        await w.wait_condition("recs", "SpecValid", "True")
+        await w.wait_jobs(1)
+
+
+async def test_the_dsn_never_shows(make_world: MakeWorld, caplog: pytest.LogCaptureFixture) -> None:
+    password = "S3cretPassw0rd"
+    # A DSN libpq cannot parse: its error message quotes the whole DSN, password included.
+    bad_dsn = f"postgresql://recupdate:{password}@[::1/recsys"
+    caplog.set_level(logging.DEBUG)
+    w = await make_world(secret=False)
+    await w.create_secret(bad_dsn)
+    async with w.operator():
+        await w.create_policy("recs")
+        cond = await w.wait_condition("recs", "Degraded", "True", "RegistryUnavailable")
+        assert "IPv6 host address" in cond["message"]
+        await w.wait_events("RegistryUnavailable")
+        await asyncio.sleep(600)  # several retries with backoff
+        assert w.jobs() == []  # no launch without the registry
+        assert w.condition("recs", "Ready")["status"] == "Unknown"
+
+        await w.create_secret()  # fix the Secret: the operator recovers
+        await w.wait_condition("recs", "Degraded", "False", timeout=1200)
+        (job,) = await w.wait_jobs(1)
+        text = json.dumps(job)
+        assert w.dsn not in text and password not in text
+        env = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+        assert env == [{"name": "RECUPDATE_STORE_DSN", "valueFrom": {"secretKeyRef": {"name": "store", "key": "dsn"}}}]
+
+    shown = json.dumps([w.policy("recs"), w.events(), w.jobs()]) + caplog.text
+    assert "IPv6 host address" in shown  # the error itself is reported...
+    assert password not in shown  # ...without the password
+    assert password not in (yaml.safe_dump(w.events()) + str(metrics.REGISTRY.collect()))

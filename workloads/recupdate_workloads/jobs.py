@@ -1,0 +1,239 @@
+"""What the fine-tune and refresh entrypoints do. Each registers its run and a candidate release in the
+store; neither activates anything (the controller decides, DESIGN.md section 2).
+
+fine-tune: curated triples of the window, each with the evidence as of its time -> LoRA on Ray Train ->
+           gates on the held-out slice -> new evidence snapshot -> bulk inference -> candidate release.
+refresh:   new evidence snapshot -> bulk inference with the active adapter -> gates -> candidate release.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recupdate_workloads import evidence_mem
+from recupdate_workloads.data.types import Catalogue, Triples
+from recupdate_workloads.evaluate import GateThresholds, gates, hits, lookup_predictions
+from recupdate_workloads.materialize import materialize, publish
+from recupdate_workloads.predictor import Predictor, local_path
+from recupdate_workloads.runconfig import RunConfig
+from recupdate_workloads.sequences import triples as to_triples
+from recupdate_workloads.store import catalogue as cat
+from recupdate_workloads.store import evidence as ev
+from recupdate_workloads.store import registry as reg
+from recupdate_workloads.store import tables
+from recupdate_workloads.store.db import Store
+
+log = logging.getLogger("recupdate.jobs")
+TABLE_TOP_N = 10
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def load_triples(store: Store, start: int, end: int, threshold: float) -> tuple[Catalogue, Triples]:
+    """Triples with start <= ts < end; contexts may reach back one more window before start."""
+    catalogue, item_cluster = cat.load_catalogue(store)
+    if not len(catalogue):
+        raise RuntimeError(f"schema {store.schema} has no catalogue: load data first")
+    lookback = start - (end - start)
+    parts = [to_triples(chunk, threshold).window(start, end)
+             for chunk in cat.iter_interactions(store, lookback, end, item_cluster, catalogue)]  # fmt: skip
+    if not parts:
+        z = np.zeros(0, np.int32)
+        return catalogue, Triples(np.zeros(0, np.int64), np.zeros(0, np.int64), z, z, z)
+    return catalogue, Triples(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("user", "ts", "c1", "c2", "c_next"))
+    )
+
+
+def refresh_snapshot(store: Store, cfg: RunConfig, end: int, catalogue: Catalogue) -> ev.Snapshot:
+    """Count the retrieval window ending at `end` and publish it as the current evidence snapshot."""
+    start = end - cfg.retrieval_window
+    _, now = load_triples(store, start, end, cfg.positive_threshold)
+    prev = None
+    if cfg.scoring == "trend":
+        _, prev_t = load_triples(store, start - cfg.retrieval_window, start, cfg.positive_threshold)
+        prev = ev.Counts.of(prev_t, len(catalogue))
+    params = ev.EvidenceParams(top_r=cfg.top_successors, min_support=cfg.min_support, scoring=cfg.scoring,
+                               neighbours=cfg.neighbours)  # fmt: skip
+    return ev.build_snapshot(store, ev.Counts.of(now, len(catalogue)), (start, end), params, prev=prev)
+
+
+def _artifacts(cfg: RunConfig) -> Path:
+    return Path(local_path(cfg.storage)).absolute() / cfg.store_schema
+
+
+def ensure_base(store: Store, cfg: RunConfig, catalogue: Catalogue) -> str:
+    """The base model: the policy's, or one bootstrapped once per schema from the history before the window."""
+    if cfg.base_model:
+        return cfg.base_model
+    base = _artifacts(cfg) / "base"
+    if (base / "config.json").exists():
+        return str(base)
+    from recupdate_workloads.model.bootstrap import bootstrap
+
+    end = cfg.holdout_start
+    _, hist = load_triples(store, end - 4 * (cfg.window_end - cfg.window_start), end, cfg.positive_threshold)
+    if len(hist) == 0:
+        raise RuntimeError("no history to bootstrap a base model from")
+    lookup = evidence_mem.as_of(hist, len(catalogue), cfg.retrieval_window, max(cfg.retrieval_window // 4, 3600),
+                                cfg.top_successors, cfg.min_support)  # fmt: skip
+    tmp = base.with_name("base.tmp")
+    bootstrap(catalogue, hist, lookup, tmp, size=cfg.model_size, max_examples=50_000)
+    tmp.rename(base)  # atomic: a concurrent run never loads a half-written base
+    return str(base)
+
+
+def _evaluate(
+    store: Store, cfg: RunConfig, predictor: Predictor, catalogue: Catalogue
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Gates on the held-out slice [holdout_start, end), evidence as of holdout_start, paired with the active
+    release's served table on the same triples."""
+    _, test = load_triples(store, cfg.holdout_start, cfg.window_end, cfg.positive_threshold)
+    _, recent = load_triples(store, cfg.holdout_start - cfg.retrieval_window, cfg.holdout_start, cfg.positive_threshold)
+    evidence = evidence_mem.evidence_of(recent, len(catalogue), cfg.top_successors, cfg.min_support)
+    pairs = np.unique(np.stack([test.c1, test.c2], axis=1), axis=0) if len(test) else np.zeros((0, 2), np.int32)
+    ids, _ = predictor.rank(pairs[:, 0], pairs[:, 1], evidence, 5)
+    table = {(int(a), int(b)): row.tolist() for (a, b), row in zip(pairs, ids, strict=True)}
+    cand = hits(lookup_predictions(table, test), test.c_next)
+    active_hits = None
+    active = reg.get_release(store, cfg.active_release) if cfg.active_release else reg.active_release(store)
+    if active is not None and active.table_version is not None:
+        served = tables.load_table(store, active.table_version).as_dict()
+        active_hits = hits(lookup_predictions({k: [c for c, _, _ in v] for k, v in served.items()}, test), test.c_next)
+    exact = predictor.exact_match(pairs[:, 0], pairs[:, 1], evidence)
+    verdict = gates(exact, cand, active_hits, GateThresholds.from_config(cfg.gates))
+    metrics = {"exactMatch": exact, "recall@5": float(cand.mean()) if len(cand) else 0.0, "heldOutTriples": len(test),
+               "hr1": float((lookup_predictions(table, test)[:, 0] == test.c_next).mean()) if len(test) else 0.0}  # fmt: skip
+    return metrics, verdict
+
+
+def _candidate(
+    store: Store, cfg: RunConfig, base: str, adapter_uri: str | None, catalogue: Catalogue, with_evidence: bool,
+    cost: dict[str, Any], extra: dict[str, Any],
+) -> reg.Release:  # fmt: skip
+    from recupdate_workloads.model.prompt import prompt_hash
+
+    predictor = Predictor.load(base, adapter_uri, catalogue, with_evidence, cfg.top_successors)
+    metrics, verdict = _evaluate(store, cfg, predictor, catalogue)
+    snap = refresh_snapshot(store, cfg, cfg.window_end, catalogue)
+    evidence = ev.load_evidence(store, snap.snapshot_id)
+    m = materialize(predictor, evidence, TABLE_TOP_N)
+    version = publish(store, m, snap.snapshot_id, adapter_uri)
+    metrics |= {"pairs": len(m.c1), "materializePairsPerSecond": round(m.pairs_per_second, 1),
+                "snapshotPairs": snap.pairs, "borrowedPairs": snap.borrowed_pairs,
+                "evidenceAt": cfg.window_end, "withEvidence": with_evidence, **extra}  # fmt: skip
+    rel = reg.Release(
+        release_id=cfg.run_id, base_model=base, adapter_uri=adapter_uri, snapshot_id=snap.snapshot_id,
+        table_version=version, prompt_hash=prompt_hash(), metrics=metrics | {"cost": cost}, gates=verdict,
+        run_id=cfg.run_id,
+    )  # fmt: skip
+    reg.register_release(store, rel)
+    return rel
+
+
+def run_finetune(store: Store, cfg: RunConfig) -> reg.Release:
+    from recupdate_workloads.model.examples import build_examples, curate
+    from recupdate_workloads.train_loop import run_inline, run_ray
+
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    reg.start_run(store, cfg.run_id, "finetune")
+    try:
+        catalogue, train = load_triples(store, cfg.window_start, cfg.holdout_start, cfg.positive_threshold)
+        if len(train) == 0:
+            raise RuntimeError("no training triples in the window")
+        base = ensure_base(store, cfg, catalogue)
+        train = curate(train, cfg.max_per_pair, seed=0)
+        lookup = None
+        if cfg.with_evidence:
+            _, hist = load_triples(
+                store, cfg.window_start - cfg.retrieval_window, cfg.holdout_start, cfg.positive_threshold
+            )
+            lookup = evidence_mem.as_of(hist, len(catalogue), cfg.retrieval_window,
+                                        max(cfg.retrieval_window // 4, 3600), cfg.top_successors, cfg.min_support)  # fmt: skip
+        examples = build_examples(catalogue, train, lookup, with_evidence=cfg.with_evidence, evidence_dropout=0.0)
+        out = _artifacts(cfg) / "adapters" / cfg.run_id
+        train_cfg = {"base_model": local_path(base), "examples": examples.to_records(), "output_dir": str(out),
+                     "lora": cfg.lora, "lr": cfg.learning_rate, "epochs": cfg.epochs, "batch_size": cfg.batch_size}  # fmt: skip
+        if cfg.executor == "inline":
+            result = run_inline(train_cfg)
+        else:
+            result = run_ray(train_cfg, workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
+                             cpus_per_worker=max(1, int(cfg.cpus_per_worker)), name=cfg.run_id)  # fmt: skip
+        tm = result.metrics
+        cost = {"cpuSeconds": round(_cpu_seconds() - c0 + float(tm.get("cpu_seconds", 0.0)) * (cfg.executor == "ray"), 2),
+                "workerSeconds": round(float(tm.get("seconds", 0.0)) * cfg.workers, 2),
+                "gpuSeconds": round(float(tm.get("seconds", 0.0)) * cfg.workers * cfg.gpus_per_worker, 2),
+                "examples": int(tm.get("examples", len(examples))), "tokens": int(tm.get("tokens", 0)),
+                "wallSeconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+        rel = _candidate(store, cfg, base, f"file://{result.adapter_dir}", catalogue, cfg.with_evidence, cost,
+                         {"trainLoss": tm.get("train_loss")})  # fmt: skip
+        cost["wallSeconds"] = round(time.perf_counter() - t0, 2)
+        reg.finish_run(store, cfg.run_id, "succeeded", cost)
+        return rel
+    except BaseException as exc:
+        reg.finish_run(store, cfg.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+
+
+def run_refresh(store: Store, cfg: RunConfig) -> reg.Release:
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    reg.start_run(store, cfg.run_id, "refresh")
+    try:
+        active = reg.get_release(store, cfg.active_release) if cfg.active_release else reg.active_release(store)
+        if active is None:
+            raise RuntimeError("a refresh needs an active release (its adapter does the inference)")
+        catalogue, _ = cat.load_catalogue(store)
+        with_ev = bool(active.metrics.get("withEvidence", True))
+        cost = {"cpuSeconds": 0.0, "examples": 0, "tokens": 0}
+        rel = _candidate(
+            store,
+            cfg,
+            active.base_model,
+            active.adapter_uri,
+            catalogue,
+            with_ev,
+            cost,
+            {"refreshOf": active.release_id},
+        )
+        cost |= {"cpuSeconds": round(_cpu_seconds() - c0, 2), "wallSeconds": round(time.perf_counter() - t0, 2)}
+        reg.finish_run(store, cfg.run_id, "succeeded", cost)
+        return rel
+    except BaseException as exc:
+        reg.finish_run(store, cfg.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+
+
+def main(kind: str, argv: list[str] | None = None) -> int:
+    """`python -m recupdate_workloads.<finetune|refresh> --config <json or file> --run-id <id>`."""
+    import argparse
+
+    from recupdate_workloads.store.db import DSN_ENV, open_store
+
+    p = argparse.ArgumentParser(prog=f"python -m recupdate_workloads.{kind}", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="the run's config: inline JSON or a JSON file")
+    p.add_argument("--run-id", default=None, help="the run id (default: the config's runId)")
+    p.add_argument("--store-dir", default=None, help=f"embedded PostgreSQL dir when {DSN_ENV} is unset")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = RunConfig.parse(args.config, args.run_id)
+    store = open_store(cfg.store_schema, data_dir=args.store_dir)
+    try:
+        rel = (run_finetune if kind == "finetune" else run_refresh)(store, cfg)
+    except Exception as exc:  # the run row says failed with the reason; exit non-zero
+        log.error("run %s failed: %s", cfg.run_id, exc)
+        return 1
+    finally:
+        store.close()
+    log.info("run %s registered candidate %s (gates passed: %s)", cfg.run_id, rel.release_id, rel.gates.get("passed"))
+    os.environ.pop("_", None)
+    return 0

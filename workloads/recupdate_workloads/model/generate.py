@@ -1,0 +1,268 @@
+"""Inference: free generation mapped to clusters by exact match, constrained decoding, and top-N ranking.
+
+Top-N for the transition table is ranking by LIKELIHOOD, not beam search:
+- likelihood scores every cluster's name as a continuation of the prompt, so it yields the FULL ranking with
+  calibrated scores (log-probabilities under the model) and can only ever return valid clusters;
+- with single-token cluster names (the bootstrap tokenizer) that is ONE forward pass per batch of prompts,
+  with logits taken only at the last position and only for the cluster tokens; for a general multi-token
+  tokenizer it is one prompt pass plus one teacher-forced pass over all candidates that reuses the prompt's
+  KV cache;
+- beam search of width N does N-times the decode work per generated token, returns only N items (some of
+  which may map to no cluster), and its scores are pruned-search artefacts rather than a full ranking.
+``bench_finetune.py`` measures both (prompts/s), together with plain greedy generation.
+
+Free greedy generation is kept because it is what the exact-match gate measures: does the model, left to
+itself, answer with a valid cluster name?
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from recupdate_workloads.data.types import Catalogue
+from recupdate_workloads.model.prompt import ANSWER_PREFIX, all_answers
+from recupdate_workloads.model.training import forward_last, left_pad
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def answer_token_ids(tokenizer: Any, catalogue: Catalogue) -> list[list[int]]:
+    """Token ids of each cluster's answer (``ANSWER_PREFIX`` + answer form), without special tokens."""
+    ids = tokenizer([ANSWER_PREFIX + a for a in all_answers(catalogue)], add_special_tokens=False)["input_ids"]
+    return [list(x) for x in ids]
+
+
+def cluster_token_ids(tokenizer: Any, catalogue: Catalogue) -> np.ndarray | None:
+    """One token id per cluster when every answer is a single, distinct, known token; else None."""
+    ids = answer_token_ids(tokenizer, catalogue)
+    if any(len(x) != 1 for x in ids):
+        return None
+    flat = np.array([x[0] for x in ids], dtype=np.int64)
+    if len(set(flat.tolist())) != len(flat) or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in flat):
+        return None
+    return flat
+
+
+def _encode_prompts(tokenizer: Any, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, ...]:
+    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    return left_pad(ids, tokenizer.pad_token_id, device)
+
+
+@torch.inference_mode()
+def _single_token_logprobs(
+    model: Any, tokenizer: Any, prompts: Sequence[str], token_ids: np.ndarray, batch_size: int
+) -> np.ndarray:
+    device = _device(model)
+    tid = torch.as_tensor(token_ids, device=device)
+    out = np.empty((len(prompts), len(token_ids)), dtype=np.float32)
+    for s in range(0, len(prompts), batch_size):
+        ids, mask, pos = _encode_prompts(tokenizer, prompts[s : s + batch_size], device)
+        logits = forward_last(model, ids, mask, pos, 1)[:, -1].float()
+        # Normalised over the whole vocabulary, then restricted: scores are the model's log-probabilities.
+        out[s : s + len(ids)] = torch.log_softmax(logits, -1)[:, tid].cpu().numpy()
+    return out
+
+
+def _cache_kwarg(model: Any) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.inference_mode()
+def _multi_token_logprobs(
+    model: Any, tokenizer: Any, prompts: Sequence[str], candidates: Sequence[Sequence[int]], batch_size: int
+) -> np.ndarray:
+    """log P(candidate + EOS | prompt) for every (prompt, candidate), teacher-forced: a prompt pass (its last
+    position scores every candidate's first token) and one pass of all candidates over the repeated KV cache."""
+    device = _device(model)
+    eos = tokenizer.eos_token_id
+    cands = [list(c) + ([eos] if eos is not None else []) for c in candidates]
+    n_c, l_max = len(cands), max(len(c) for c in cands)
+    cand = torch.full((n_c, l_max), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    cmask = torch.zeros((n_c, l_max), dtype=torch.long, device=device)
+    for j, c in enumerate(cands):
+        cand[j, : len(c)] = torch.as_tensor(c, device=device)
+        cmask[j, : len(c)] = 1
+    kw = _cache_kwarg(model)
+    sub = max(1, batch_size * 4 // n_c)  # prompts per step: the candidate pass has sub * n_c rows
+    out = np.empty((len(prompts), n_c), dtype=np.float32)
+    for s in range(0, len(prompts), sub):
+        ids, mask, pos = _encode_prompts(tokenizer, prompts[s : s + sub], device)
+        b = ids.shape[0]
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(res.logits[:, -1].float(), -1)[:, cand[:, 0]]  # [b, n_c]
+        total = first
+        if l_max > 1:
+            cache = getattr(res, "cache", None) or res.past_key_values
+            cache.batch_repeat_interleave(n_c)
+            inp = cand[:, :-1].repeat(b, 1)
+            att = torch.cat([mask.repeat_interleave(n_c, 0), cmask[:, :-1].repeat(b, 1)], dim=1)
+            cpos = mask.sum(1).repeat_interleave(n_c)[:, None] + torch.arange(l_max - 1, device=device)[None, :]
+            r2 = model(input_ids=inp, attention_mask=att, position_ids=cpos, use_cache=True, **{kw: cache})
+            lp = torch.log_softmax(r2.logits.float(), -1)  # [b*n_c, l_max-1, V]
+            tgt = cand[:, 1:].repeat(b, 1)
+            tok_lp = lp.gather(-1, tgt[..., None])[..., 0] * cmask[:, 1:].repeat(b, 1)
+            total = total + tok_lp.sum(-1).view(b, n_c)
+        out[s : s + b] = total.cpu().numpy()
+    return out
+
+
+def cluster_logprobs(
+    model: Any, tokenizer: Any, catalogue: Catalogue, prompts: Sequence[str], batch_size: int = 64
+) -> np.ndarray:
+    """float32[n_prompts, n_clusters]: log-likelihood of each cluster's answer given each prompt. Single-token
+    answers: log P(token); multi-token answers: log P(tokens + EOS)."""
+    if not prompts:
+        return np.empty((0, len(catalogue)), dtype=np.float32)
+    single = cluster_token_ids(tokenizer, catalogue)
+    if single is not None:
+        return _single_token_logprobs(model, tokenizer, prompts, single, batch_size)
+    return _multi_token_logprobs(model, tokenizer, prompts, answer_token_ids(tokenizer, catalogue), batch_size)
+
+
+def rank_clusters(
+    model: Any,
+    tokenizer: Any,
+    catalogue: Catalogue,
+    prompts: Sequence[str],
+    top_n: int,
+    batch_size: int = 64,
+    exclude: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-N clusters per prompt by likelihood: (ids int32[n, top_n], scores float32[n, top_n]), best first,
+    scores being log-probabilities. ``exclude`` (int[n, k], -1 = none), e.g. the pair's own (c1, c2), removes
+    those clusters from a row's ranking (score -inf) so the top-N holds novel clusters only."""
+    lp = cluster_logprobs(model, tokenizer, catalogue, prompts, batch_size)
+    if exclude is not None:
+        ex = np.asarray(exclude)
+        rows = np.repeat(np.arange(len(lp)), ex.shape[1])
+        cols = ex.reshape(-1)
+        ok = cols >= 0
+        lp[rows[ok], cols[ok]] = -np.inf
+    top_n = min(top_n, lp.shape[1])
+    # Stable argsort on -score: ties break by cluster id, deterministically.
+    order = np.argsort(-lp, axis=1, kind="stable")[:, :top_n]
+    return order.astype(np.int32), np.take_along_axis(lp, order, axis=1).astype(np.float32)
+
+
+def _prefix_fn(candidates: Sequence[Sequence[int]], eos: int, prompt_len: int) -> Callable[..., list[int]]:
+    """prefix_allowed_tokens_fn for generate(): only continuations along a trie of the candidates (+ EOS)."""
+    trie: dict[tuple[int, ...], set[int]] = {}
+    for c in candidates:
+        seq = [*c, eos]
+        for k in range(len(seq)):
+            trie.setdefault(tuple(seq[:k]), set()).add(seq[k])
+    allowed = {k: sorted(v) for k, v in trie.items()}
+
+    def fn(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        return allowed.get(tuple(input_ids[prompt_len:].tolist()), [eos])
+
+    return fn
+
+
+@torch.inference_mode()
+def _generate(
+    model: Any,
+    tokenizer: Any,
+    catalogue: Catalogue,
+    prompts: Sequence[str],
+    *,
+    batch_size: int,
+    num_beams: int,
+    max_new_tokens: int | None,
+    constrained: bool,
+) -> list[list[str]]:
+    device = _device(model)
+    cands = answer_token_ids(tokenizer, catalogue)
+    new_tokens = max_new_tokens or max(len(c) for c in cands) + 1
+    texts: list[list[str]] = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask, _ = _encode_prompts(tokenizer, prompts[s : s + batch_size], device)
+        kwargs: dict[str, Any] = {}
+        if constrained:
+            kwargs["prefix_allowed_tokens_fn"] = _prefix_fn(cands, tokenizer.eos_token_id, ids.shape[1])
+        if num_beams > 1:
+            kwargs.update(num_beams=num_beams, num_return_sequences=num_beams, early_stopping=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **kwargs,
+        )
+        decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        per = max(1, num_beams)
+        texts.extend([t.strip() for t in decoded[i : i + per]] for i in range(0, len(decoded), per))
+    return texts
+
+
+def map_names(catalogue: Catalogue, names: Sequence[str]) -> np.ndarray:
+    """int32 cluster ids by exact normalised match (``Catalogue.lookup``), -1 where a name matches none."""
+    return np.array([-1 if (c := catalogue.lookup(n)) is None else c for n in names], dtype=np.int32)
+
+
+def generate_names(
+    model: Any,
+    tokenizer: Any,
+    catalogue: Catalogue,
+    prompts: Sequence[str],
+    batch_size: int = 64,
+    *,
+    max_new_tokens: int | None = None,
+    constrained: bool = False,
+) -> tuple[list[str], np.ndarray]:
+    """Greedy answers (decoded, stripped) and their cluster ids by exact match (-1 for misses). With
+    ``constrained`` decoding is restricted to cluster names (a trie over their tokens), so it never misses;
+    the exact-match gate uses the free mode."""
+    texts = _generate(
+        model,
+        tokenizer,
+        catalogue,
+        prompts,
+        batch_size=batch_size,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        constrained=constrained,
+    )
+    names = [t[0] for t in texts]
+    return names, map_names(catalogue, names)
+
+
+def beam_clusters(
+    model: Any,
+    tokenizer: Any,
+    catalogue: Catalogue,
+    prompts: Sequence[str],
+    num_beams: int = 5,
+    batch_size: int = 16,
+    *,
+    constrained: bool = False,
+) -> np.ndarray:
+    """Top-N by beam search of width ``num_beams`` (the alternative to ``rank_clusters``, kept to measure it):
+    int32[n, num_beams] of mapped cluster ids, best beam first, -1 where a beam's text matches no cluster."""
+    texts = _generate(
+        model,
+        tokenizer,
+        catalogue,
+        prompts,
+        batch_size=batch_size,
+        num_beams=num_beams,
+        max_new_tokens=None,
+        constrained=constrained,
+    )
+    return np.stack([map_names(catalogue, t) for t in texts]) if texts else np.empty((0, num_beams), np.int32)
+
+
+def exact_match_rate(ids: np.ndarray) -> float:
+    """Share of generated answers that mapped to a cluster (ids from ``generate_names``)."""
+    return float((np.asarray(ids) >= 0).mean()) if len(ids) else 0.0

@@ -1,0 +1,138 @@
+"""The Serve config of the recommender application, as plain dicts: one source for local mode and KubeRay.
+
+Pure and import-light (standard library only), so the operator, which never imports Ray or torch, can build
+``serveConfigV2`` from the same function that local mode deploys (DESIGN.md section 4). The shape is Ray
+Serve's declarative config (``ServeDeploySchema``), which is also what KubeRay's ``serveConfigV2`` holds:
+
+    applications: [{name, import_path, route_prefix, runtime_env,
+                    deployments: [{name, num_replicas, max_ongoing_requests, ray_actor_options, user_config}]}]
+
+Only ``user_config`` changes between releases, so a rollout is an in-place ``reconfigure()`` on live
+replicas: Serve (and KubeRay) treat a config that differs only in ``user_config`` as a lightweight update.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+APP_NAME = "recommender"
+DEPLOYMENT_NAME = "Recommender"
+IMPORT_PATH = "recupdate_workloads.serving:app"
+ROUTE_PREFIX = "/"
+DSN_ENV = "RECUPDATE_STORE_DSN"
+#: The contract keys of a release's user_config (DESIGN.md section 4); the rest are optional tuning knobs.
+USER_CONFIG_KEYS = ("release_id", "adapter_uri", "table_version", "store_schema")
+OPTIONAL_USER_CONFIG_KEYS = ("dsn_env", "online_timeout_ms", "evidence_timeout_ms")
+#: Requests one replica takes at once. The handler is async and a table hit takes microseconds, so the
+#: default of Ray Serve (5) would queue requests in the proxy for nothing.
+DEFAULT_MAX_ONGOING_REQUESTS = 64
+
+
+def user_config(
+    release_id: str,
+    adapter_uri: str | None,
+    table_version: int,
+    store_schema: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A release's user_config: the contract keys plus optional ones (``dsn_env``, ``online_timeout_ms``,
+    ``evidence_timeout_ms``)."""
+    unknown = set(extra) - set(OPTIONAL_USER_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"unknown user_config keys: {sorted(unknown)}")
+    out: dict[str, Any] = {
+        "release_id": str(release_id),
+        "adapter_uri": adapter_uri,
+        "table_version": int(table_version),
+        "store_schema": store_schema,
+    }
+    out.update({k: v for k, v in extra.items() if v is not None})
+    return out
+
+
+def serve_application(
+    user_config: Mapping[str, Any],
+    replicas: int = 1,
+    *,
+    name: str = APP_NAME,
+    route_prefix: str = ROUTE_PREFIX,
+    import_path: str = IMPORT_PATH,
+    runtime_env: Mapping[str, Any] | None = None,
+    num_cpus: float = 1.0,
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
+    env_vars: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """One entry of ``applications`` in a Serve config / KubeRay ``serveConfigV2``.
+
+    ``env_vars`` are merged into ``runtime_env.env_vars``; production passes the store DSN there as
+    ``RECUPDATE_STORE_DSN`` (on Kubernetes it usually comes from a Secret on the Ray pods instead; then pass
+    nothing). ``num_cpus`` is per replica: local mode gives replicas a fraction of a CPU so Ray Train and
+    refresh jobs still fit on a small machine."""
+    missing = [k for k in USER_CONFIG_KEYS if k not in user_config]
+    if missing:
+        raise ValueError(f"user_config lacks {missing}")
+    if replicas < 1:
+        raise ValueError("replicas must be >= 1")
+    env = copy.deepcopy(dict(runtime_env or {}))
+    if env_vars:
+        env["env_vars"] = {**env.get("env_vars", {}), **{k: str(v) for k, v in env_vars.items()}}
+    return {
+        "name": name,
+        "import_path": import_path,
+        "route_prefix": route_prefix,
+        "runtime_env": env,
+        "deployments": [
+            {
+                "name": DEPLOYMENT_NAME,
+                "num_replicas": int(replicas),
+                "max_ongoing_requests": int(max_ongoing_requests),
+                "ray_actor_options": {"num_cpus": float(num_cpus)},
+                "user_config": dict(user_config),
+            }
+        ],
+    }
+
+
+def serve_config(
+    applications: list[dict[str, Any]],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    proxy_location: str = "HeadOnly",
+) -> dict[str, Any]:
+    """A whole Serve deploy config (``ServeDeploySchema``) for local mode. KubeRay sets the HTTP options
+    itself, so its ``serveConfigV2`` holds only ``applications``."""
+    return {
+        "proxy_location": proxy_location,
+        "http_options": {"host": host, "port": int(port)},
+        "applications": applications,
+    }
+
+
+def with_user_config(
+    config: Mapping[str, Any], new_user_config: Mapping[str, Any], app_name: str = APP_NAME
+) -> dict[str, Any]:
+    """A copy of a Serve config whose recommender deployment carries ``new_user_config``; nothing else
+    changes, so deploying it is an in-place reconfigure, never a replica replacement."""
+    out = copy.deepcopy(dict(config))
+    for app in out.get("applications", []):
+        if app.get("name") != app_name:
+            continue
+        for dep in app.get("deployments", []):
+            if dep.get("name") == DEPLOYMENT_NAME:
+                dep["user_config"] = dict(new_user_config)
+                return out
+    raise KeyError(f"no deployment {DEPLOYMENT_NAME!r} in application {app_name!r}")
+
+
+def recommender_user_config(config: Mapping[str, Any], app_name: str = APP_NAME) -> dict[str, Any] | None:
+    """The user_config of the recommender deployment in a Serve config, or None."""
+    for app in config.get("applications", []):
+        if app.get("name") == app_name:
+            for dep in app.get("deployments", []):
+                if dep.get("name") == DEPLOYMENT_NAME:
+                    uc = dep.get("user_config")
+                    return dict(uc) if uc is not None else None
+    return None
