@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -40,19 +39,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from recupdate_workloads.data.synthetic import SyntheticSpec, SyntheticStream  # noqa: E402
-from recupdate_workloads.sequences import triples  # noqa: E402
-from recupdate_workloads.store import catalogue as cat  # noqa: E402
-from recupdate_workloads.store import evidence as ev  # noqa: E402
-from recupdate_workloads.store.db import Store, connect  # noqa: E402
+from recupdate_workloads.data.synthetic import SyntheticSpec, SyntheticStream
+from recupdate_workloads.sequences import triples
+from recupdate_workloads.store import catalogue as cat
+from recupdate_workloads.store import evidence as ev
+from recupdate_workloads.store.db import Store, connect
 
 # Binary COPY rows of the floor table: (int8 user, int8 item, int8 ts, float4 weight, int4 cluster).
 _FLOOR_ROW = np.dtype(
-    [("n", ">i2"), ("l1", ">i4"), ("user", ">i8"), ("l2", ">i4"), ("item", ">i8"), ("l3", ">i4"), ("ts", ">i8"),
-     ("l4", ">i4"), ("weight", ">f4"), ("l5", ">i4"), ("cluster", ">i4")]
-)  # fmt: skip
+    [
+        ("n", ">i2"),
+        ("l1", ">i4"),
+        ("user", ">i8"),
+        ("l2", ">i4"),
+        ("item", ">i8"),
+        ("l3", ">i4"),
+        ("ts", ">i8"),
+        ("l4", ">i4"),
+        ("weight", ">f4"),
+        ("l5", ">i4"),
+        ("cluster", ">i4"),
+    ]
+)
 _PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8
 _BLOCK = 1 << 20
 
@@ -78,8 +88,15 @@ def counts_digest(c: ev.Counts) -> str:
 _REC = np.dtype([("user", ">i8"), ("item", ">i8"), ("ts", ">i8"), ("weight", ">f4")])
 
 
-def proposed_iter_interactions(store: Store, start: int, end: int, item_cluster: np.ndarray, catalogue,
-                               rows_per_chunk: int = 1_000_000, users_per_block: int = 1000):  # fmt: skip
+def proposed_iter_interactions(
+    store: Store,
+    start: int,
+    end: int,
+    item_cluster: np.ndarray,
+    catalogue,
+    rows_per_chunk: int = 1_000_000,
+    users_per_block: int = 1000,
+):
     from recupdate_workloads.data.types import InteractionLog
 
     query = (
@@ -90,8 +107,14 @@ def proposed_iter_interactions(store: Store, start: int, end: int, item_cluster:
 
     def log(blocks: list[bytes]) -> InteractionLog:
         r = np.frombuffer(b"".join(blocks), dtype=_REC)
-        return InteractionLog(r["user"].astype(np.int64), r["item"].astype(np.int64), r["ts"].astype(np.int64),
-                              r["weight"].astype(np.float32), item_cluster, catalogue)  # fmt: skip
+        return InteractionLog(
+            r["user"].astype(np.int64),
+            r["item"].astype(np.int64),
+            r["ts"].astype(np.int64),
+            r["weight"].astype(np.float32),
+            item_cluster,
+            catalogue,
+        )
 
     with store.tx() as conn, conn.cursor(name="iter_interactions", binary=True) as cur:
         cur.itersize = 8
@@ -297,8 +320,11 @@ def bench_size(dsn: str, n: int, args: argparse.Namespace, tmpdir: Path, launche
     store = fresh_store(dsn, schema)
     spec = SyntheticSpec(n_interactions=n, n_clusters=args.clusters, seed=args.seed)
     stream = SyntheticStream(spec)
-    print(f"\n== N = {n:,} interactions ({spec.n_users:,} users, {args.clusters} clusters, "
-          f"{len(stream.item_cluster):,} items, {spec.days} days) ==", flush=True)  # fmt: skip
+    print(
+        f"\n== N = {n:,} interactions ({spec.n_users:,} users, {args.clusters} clusters, "
+        f"{len(stream.item_cluster):,} items, {spec.days} days) ==",
+        flush=True,
+    )
     t = time.perf_counter()
     cat.save_catalogue(store, stream.catalogue, stream.item_cluster)
     t_cat = time.perf_counter() - t
@@ -317,8 +343,9 @@ def bench_size(dsn: str, n: int, args: argparse.Namespace, tmpdir: Path, launche
             t_load += time.perf_counter() - t
             f.write(floor_rows(chunk, stream.item_cluster))
             if n <= args.check_max:  # reference counts, computed in memory from the generated log
-                check_parts.append(ev.Counts.of(triples(chunk, args.threshold).window(spec.start, spec.end),
-                                                args.clusters))  # fmt: skip
+                check_parts.append(
+                    ev.Counts.of(triples(chunk, args.threshold).window(spec.start, spec.end), args.clusters)
+                )
             t = time.perf_counter()
         f.write(b"\xff\xff")
     t = time.perf_counter()
@@ -326,8 +353,11 @@ def bench_size(dsn: str, n: int, args: argparse.Namespace, tmpdir: Path, launche
     t_vac = time.perf_counter() - t
     size = store.conn.execute(f"SELECT pg_total_relation_size('{schema}.interactions')").fetchone()[0]  # type: ignore[index]
     print(f"catalogue + embeddings {t_cat:.1f} s (untimed); generate {t_gen:.1f} s (untimed)")
-    print(f"load: append_interactions {loaded:,} rows in {t_load:.2f} s = {fmt_rate(loaded / t_load)}; "
-          f"VACUUM ANALYZE {t_vac:.2f} s; table+index {size / 2**20:.0f} MiB", flush=True)  # fmt: skip
+    print(
+        f"load: append_interactions {loaded:,} rows in {t_load:.2f} s = {fmt_rate(loaded / t_load)}; "
+        f"VACUUM ANALYZE {t_vac:.2f} s; table+index {size / 2**20:.0f} MiB",
+        flush=True,
+    )
     reference = counts_digest(ev.Counts.merge(check_parts, args.clusters)) if check_parts else None
     del check_parts
 
@@ -348,12 +378,14 @@ def bench_size(dsn: str, n: int, args: argparse.Namespace, tmpdir: Path, launche
             res = launcher.run({**cfg, "variant": v})
             runs[v].append(res)
             label = "refresh " if v == "production" else "proposed"
-            print(f"  {label} #{r + 1}: {res['total_s']:.2f} s = {fmt_rate(n / res['total_s'])}  "
-                  f"(stream {res['stream_s']:.2f}, count {res['count_s']:.2f}, merge {res['merge_s']:.2f}, "
-                  f"build_snapshot {res['build_s']:.2f}; {res['chunks']} chunks, {res['triples']:,} triples, "
-                  f"{res['pairs']:,} pairs of which {res['borrowed_pairs']:,} borrowed; "
-                  f"peak RSS {res['rss_child_kb'] / 1024:.0f} MiB, VmHWM {res['vmhwm_self_kb'] / 1024:.0f} MiB)",
-                  flush=True)  # fmt: skip
+            print(
+                f"  {label} #{r + 1}: {res['total_s']:.2f} s = {fmt_rate(n / res['total_s'])}  "
+                f"(stream {res['stream_s']:.2f}, count {res['count_s']:.2f}, merge {res['merge_s']:.2f}, "
+                f"build_snapshot {res['build_s']:.2f}; {res['chunks']} chunks, {res['triples']:,} triples, "
+                f"{res['pairs']:,} pairs of which {res['borrowed_pairs']:,} borrowed; "
+                f"peak RSS {res['rss_child_kb'] / 1024:.0f} MiB, VmHWM {res['vmhwm_self_kb'] / 1024:.0f} MiB)",
+                flush=True,
+            )
             if res["rows"] != n:
                 raise RuntimeError(f"{v} refresh read {res['rows']} rows, expected {n}")
             expected = reference or runs["production"][0]["digest"]
@@ -361,11 +393,17 @@ def bench_size(dsn: str, n: int, args: argparse.Namespace, tmpdir: Path, launche
                 raise RuntimeError(f"{v} refresh counts {res['digest']} differ from {expected}")
         fl = floor_once(store, floor_path, unlogged=not args.floor_logged, user_cluster=args.groupby_user_cluster)
         floors.append(fl)
-        uc = (f"; GROUP BY user, cluster {fl['groupby_user_cluster_s']:.2f} s, {fl['user_cluster_groups']:,} groups"
-              if args.groupby_user_cluster else "")  # fmt: skip
-        print(f"  floor    #{r + 1}: {fl['total_s']:.2f} s = {fmt_rate(n / fl['total_s'])}  "
-              f"(COPY {fl['copy_s']:.2f}, GROUP BY cluster {fl['groupby_s']:.2f}{uc}); this round's ratio "
-              + ", ".join(f"{v} {runs[v][-1]['total_s'] / fl['total_s']:.2f}x" for v in variants), flush=True)
+        uc = (
+            f"; GROUP BY user, cluster {fl['groupby_user_cluster_s']:.2f} s, {fl['user_cluster_groups']:,} groups"
+            if args.groupby_user_cluster
+            else ""
+        )
+        print(
+            f"  floor    #{r + 1}: {fl['total_s']:.2f} s = {fmt_rate(n / fl['total_s'])}  "
+            f"(COPY {fl['copy_s']:.2f}, GROUP BY cluster {fl['groupby_s']:.2f}{uc}); this round's ratio "
+            + ", ".join(f"{v} {runs[v][-1]['total_s'] / fl['total_s']:.2f}x" for v in variants),
+            flush=True,
+        )
     refreshes = runs["production"]
     floor_path.unlink()
     store.conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
@@ -398,7 +436,9 @@ def bench_size(dsn: str, n: int, args: argparse.Namespace, tmpdir: Path, launche
         "pairs": refreshes[0]["pairs"],
         "borrowed_pairs": refreshes[0]["borrowed_pairs"],
         "checked": reference is not None,
-        "proposed": None if not args.proposed else {
+        "proposed": None
+        if not args.proposed
+        else {
             "refresh_s": med([x["total_s"] for x in runs["proposed"]]),
             "refresh_rate": n / med([x["total_s"] for x in runs["proposed"]]),
             "ratio": med([x["total_s"] for x in runs["proposed"]]) / f_total,
@@ -406,7 +446,8 @@ def bench_size(dsn: str, n: int, args: argparse.Namespace, tmpdir: Path, launche
             "speedup": r_total / med([x["total_s"] for x in runs["proposed"]]),
             "rss_mib": max(x["rss_child_kb"] for x in runs["proposed"]) / 1024,
             "refresh_parts": {
-                p: med([x[p] for x in runs["proposed"]]) for p in ("catalogue_s", "stream_s", "count_s", "merge_s", "build_s")
+                p: med([x[p] for x in runs["proposed"]])
+                for p in ("catalogue_s", "stream_s", "count_s", "merge_s", "build_s")
             },
         },
         "runs": {**runs, "floor": floors},
@@ -414,9 +455,14 @@ def bench_size(dsn: str, n: int, args: argparse.Namespace, tmpdir: Path, launche
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
-    p.add_argument("--sizes", default="200000,1000000", help="comma-separated interaction counts (full: 1000000,10000000)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--sizes", default="200000,1000000", help="comma-separated interaction counts (full: 1000000,10000000)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="repetitions of each measurement (median reported)")
     p.add_argument("--clusters", type=int, default=150, help="clusters in the synthetic catalogue (MovieLens: 173)")
     p.add_argument("--threshold", type=float, default=3.5, help="positive threshold on the weight")
@@ -424,12 +470,22 @@ def main() -> None:
     p.add_argument("--rows-per-chunk", type=int, default=1_000_000, help="iter_interactions rows_per_chunk")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--floor-logged", action="store_true", help="COPY the floor into a logged table (default: unlogged)")
-    p.add_argument("--proposed", action="store_true",
-                   help="also time the proposed stream + count (see 'proposed' in the source) in each round")  # fmt: skip
-    p.add_argument("--groupby-user-cluster", action="store_true",
-                   help="also time GROUP BY (user, cluster) on the floor table, for reference (slow at 10M)")  # fmt: skip
-    p.add_argument("--check-max", type=int, default=1_000_000,
-                   help="check the refresh's counts against in-memory counts up to this size")  # fmt: skip
+    p.add_argument(
+        "--proposed",
+        action="store_true",
+        help="also time the proposed stream + count (see 'proposed' in the source) in each round",
+    )
+    p.add_argument(
+        "--groupby-user-cluster",
+        action="store_true",
+        help="also time GROUP BY (user, cluster) on the floor table, for reference (slow at 10M)",
+    )
+    p.add_argument(
+        "--check-max",
+        type=int,
+        default=1_000_000,
+        help="check the refresh's counts against in-memory counts up to this size",
+    )
     p.add_argument("--dsn", default=None, help="external PostgreSQL (default: an embedded one under /tmp)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -451,28 +507,40 @@ def main() -> None:
             results.append(bench_size(dsn, n, args, Path(tmp), launcher))
     launcher.close()
 
-    print(f"\nmedians of {args.repeats} (floor = binary COPY into a fresh {'logged' if args.floor_logged else 'unlogged'}"
-          " table + GROUP BY cluster; 'paired' = median of each refresh over the floor run right after it)")  # fmt: skip
-    print(f"{'N':>11} {'load':>9} {'refresh':>9} {'refresh/s':>10} {'floor':>8} {'floor/s':>9} {'ratio':>6} "
-          f"{'paired':>7} {'peak RSS':>9}")  # fmt: skip
+    print(
+        f"\nmedians of {args.repeats} (floor = binary COPY into a fresh {'logged' if args.floor_logged else 'unlogged'}"
+        " table + GROUP BY cluster; 'paired' = median of each refresh over the floor run right after it)"
+    )
+    print(
+        f"{'N':>11} {'load':>9} {'refresh':>9} {'refresh/s':>10} {'floor':>8} {'floor/s':>9} {'ratio':>6} "
+        f"{'paired':>7} {'peak RSS':>9}"
+    )
     for r in results:
-        print(f"{r['n']:>11,} {fmt_rate(r['load_rate']):>9} {r['refresh_s']:>8.2f}s {fmt_rate(r['refresh_rate']):>10} "
-              f"{r['floor_s']:>7.2f}s {fmt_rate(r['floor_rate']):>9} {r['ratio']:>5.2f}x {r['ratio_paired']:>6.2f}x "
-              f"{r['rss_mib']:>6.0f} MiB")  # fmt: skip
+        print(
+            f"{r['n']:>11,} {fmt_rate(r['load_rate']):>9} {r['refresh_s']:>8.2f}s {fmt_rate(r['refresh_rate']):>10} "
+            f"{r['floor_s']:>7.2f}s {fmt_rate(r['floor_rate']):>9} {r['ratio']:>5.2f}x {r['ratio_paired']:>6.2f}x "
+            f"{r['rss_mib']:>6.0f} MiB"
+        )
     for r in results:
         parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["refresh_parts"].items())
-        uc = f"; COPY + GROUP BY user, cluster {r['floor_uc_s']:.2f} s = {r['ratio_uc']:.2f}x" if r["floor_uc_s"] else ""
-        print(f"  N={r['n']:,}: refresh parts (s): {parts}; floor: COPY {r['floor_parts']['copy_s']:.2f}, "
-              f"GROUP BY {r['floor_parts']['groupby_s']:.2f}{uc}; child RSS at start {r['rss_start_mib']:.0f} MiB; "
-              f"PG backend VmHWM {r['backend_vmhwm_mib']:.0f} MiB (incl. shared buffers it touched); "
-              f"counts checked vs in-memory: {r['checked']}")  # fmt: skip
+        uc = (
+            f"; COPY + GROUP BY user, cluster {r['floor_uc_s']:.2f} s = {r['ratio_uc']:.2f}x" if r["floor_uc_s"] else ""
+        )
+        print(
+            f"  N={r['n']:,}: refresh parts (s): {parts}; floor: COPY {r['floor_parts']['copy_s']:.2f}, "
+            f"GROUP BY {r['floor_parts']['groupby_s']:.2f}{uc}; child RSS at start {r['rss_start_mib']:.0f} MiB; "
+            f"PG backend VmHWM {r['backend_vmhwm_mib']:.0f} MiB (incl. shared buffers it touched); "
+            f"counts checked vs in-memory: {r['checked']}"
+        )
     for r in results:
         if r["proposed"]:
             q = r["proposed"]
             parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in q["refresh_parts"].items())
-            print(f"  N={r['n']:,} proposed: {q['refresh_s']:.2f} s = {fmt_rate(q['refresh_rate'])}, "
-                  f"{q['speedup']:.2f}x faster than production; vs floor {q['ratio']:.2f}x (paired {q['ratio_paired']:.2f}x); "
-                  f"peak RSS {q['rss_mib']:.0f} MiB; parts (s): {parts}")  # fmt: skip
+            print(
+                f"  N={r['n']:,} proposed: {q['refresh_s']:.2f} s = {fmt_rate(q['refresh_rate'])}, "
+                f"{q['speedup']:.2f}x faster than production; vs floor {q['ratio']:.2f}x (paired {q['ratio_paired']:.2f}x); "
+                f"peak RSS {q['rss_mib']:.0f} MiB; parts (s): {parts}"
+            )
     print("targets: refresh within 3x of the floor; peak RSS of the refresh under 2 GB at 10M")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": stamp(), "settings": settings, "results": results}, indent=1))

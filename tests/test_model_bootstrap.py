@@ -10,9 +10,9 @@ import torch
 
 from recupdate_workloads.model.bootstrap import (
     METADATA_FILE,
+    bootstrap,
     build_model,
     build_tokenizer,
-    bootstrap,
     load_base,
 )
 from recupdate_workloads.model.examples import build_examples
@@ -69,7 +69,7 @@ def test_bootstrap_trains_and_records_metadata(tmp_path) -> None:
     assert meta["clusters"] == 8 and meta["examples"] == 1200
     assert meta["epoch_loss"][1] < meta["epoch_loss"][0]
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
-    model, tok = load_base(out)
+    model, _tok = load_base(out)
     assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 64
 
 

@@ -28,8 +28,9 @@ CAT = toy_catalogue(8)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     t = toy_triples(CAT, 2000, seed=1)
-    return bootstrap(CAT, t, None, tmp_path_factory.mktemp("gen") / "base", size="tiny", epochs=3,
-                     evidence_dropout=1.0, seed=0)
+    return bootstrap(
+        CAT, t, None, tmp_path_factory.mktemp("gen") / "base", size="tiny", epochs=3, evidence_dropout=1.0, seed=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_multi_token_scoring_matches_brute_force(loaded, test_set) -> None:
 
 def test_greedy_generation_maps_by_exact_match(loaded, test_set) -> None:
     model, tok = loaded
-    t, prompts = test_set
+    _t, prompts = test_set
     names, ids = generate_names(model, tok, CAT, prompts, batch_size=64)
     assert len(names) == 200 and ids.shape == (200,)
     assert exact_match_rate(ids) >= 0.9
@@ -108,7 +109,7 @@ def test_greedy_generation_maps_by_exact_match(loaded, test_set) -> None:
 
 def test_beam_search_top_n(loaded, test_set) -> None:
     model, tok = loaded
-    t, prompts = test_set
+    _t, prompts = test_set
     beams = beam_clusters(model, tok, CAT, prompts[:40], num_beams=5)
     assert beams.shape == (40, 5)
     ids, _ = rank_clusters(model, tok, CAT, prompts[:40], top_n=5)

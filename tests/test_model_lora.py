@@ -23,8 +23,9 @@ OLD, NEW = rule_shift(1), rule_shift(3)
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A base that learnt an OLD transition rule (c2 + 1), without evidence."""
     t = toy_triples(CAT, 1500, rule=OLD, seed=1)
-    return bootstrap(CAT, t, None, tmp_path_factory.mktemp("lora") / "base", size="tiny", epochs=2,
-                     evidence_dropout=1.0, seed=0)
+    return bootstrap(
+        CAT, t, None, tmp_path_factory.mktemp("lora") / "base", size="tiny", epochs=2, evidence_dropout=1.0, seed=0
+    )
 
 
 def _eval(model, tok, rule) -> tuple[float, float, float]:
@@ -44,15 +45,15 @@ def test_lora_learns_the_new_rule(base: Path, tmp_path: Path) -> None:
     hr1_0, hr5_0, _ = _eval(model, tok, NEW)
 
     cfg = {
-            "base_model": str(base),
-            "examples": ex.to_records(),
-            "output_dir": str(tmp_path / "adapter"),
-            "epochs": 6,
-            "lr": 2e-2,
-            "batch_size": 64,
-            "lora": {"r": 8, "alpha": 16},
-            "seed": 0,
-        }
+        "base_model": str(base),
+        "examples": ex.to_records(),
+        "output_dir": str(tmp_path / "adapter"),
+        "epochs": 6,
+        "lr": 2e-2,
+        "batch_size": 64,
+        "lora": {"r": 8, "alpha": 16},
+        "seed": 0,
+    }
     res = run_inline(cfg)
     out = Path(res.adapter_dir)
     assert (out / ADAPTER_FILE).exists() and (out / "adapter_config.json").exists()

@@ -143,3 +143,12 @@ def test_build_examples_and_jsonl_round_trip(tmp_path) -> None:
     assert seen == t.ts[:3].tolist()
     back = Examples.load(ex.save_jsonl(tmp_path / "ex.jsonl"))
     assert back.prompts == ex.prompts and back.answers == ex.answers
+
+
+def test_examples_from_parquet(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a", "b"], "answer": ["x", "y"], "extra": [1, 2]}), tmp_path / "ex.parquet")
+    ex = Examples.load(tmp_path / "ex.parquet")
+    assert ex.prompts == ["a", "b"] and ex.answers == ["x", "y"] and len(ex) == 2

@@ -30,13 +30,26 @@ def ray_session(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_torchtrainer_one_worker_checkpoint(ray_session, tmp_path: Path) -> None:
-    base = bootstrap(CAT, toy_triples(CAT, 600, rule=rule_b, seed=1), None, tmp_path / "base", size="tiny",
-                     epochs=1, evidence_dropout=1.0)
+    base = bootstrap(
+        CAT,
+        toy_triples(CAT, 600, rule=rule_b, seed=1),
+        None,
+        tmp_path / "base",
+        size="tiny",
+        epochs=1,
+        evidence_dropout=1.0,
+    )
     ex = build_examples(CAT, toy_triples(CAT, 400, rule=rule_a, seed=2), None, with_evidence=False)
     storage = tmp_path / "ray_results"
     res = run_ray(
-        {"base_model": str(base), "examples": ex, "output_dir": str(tmp_path / "adapter"), "epochs": 2,
-         "lr": 2e-2, "seed": 0},
+        {
+            "base_model": str(base),
+            "examples": ex,
+            "output_dir": str(tmp_path / "adapter"),
+            "epochs": 2,
+            "lr": 2e-2,
+            "seed": 0,
+        },
         workers=1,
         cpus_per_worker=2,
         storage_path=storage,

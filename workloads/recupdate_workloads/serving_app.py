@@ -329,24 +329,25 @@ def load_model(adapter_uri: str, base_model: str | None) -> tuple[Any, Any, str 
     """(model, tokenizer, base) for online ranking. ``adapter_uri`` is a PEFT adapter directory (its base is
     ``base_model``, else the adapter's ``base_model_name_or_path``), or a full model directory. The only call
     sites of the model package's loading API."""
+    path = _local_path(adapter_uri)
+    is_adapter = (path / "adapter_config.json").exists()
+    if not is_adapter and not (path / "config.json").exists():
+        raise FileNotFoundError(f"no adapter or model at {adapter_uri}")
     import torch
 
     from recupdate_workloads.model.bootstrap import load_base
     from recupdate_workloads.train_loop import load_adapter
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    path = _local_path(adapter_uri)
-    if (path / "adapter_config.json").exists():
+    if is_adapter:
         base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"adapter {adapter_uri} names no base model and the release has none")
         model, tokenizer = load_base(base)
         model = load_adapter(model, path, merge=True)
         return model, tokenizer, str(base)
-    if (path / "config.json").exists():
-        model, tokenizer = load_base(path)
-        return model, tokenizer, str(path)
-    raise FileNotFoundError(f"no adapter or model at {adapter_uri}")
+    model, tokenizer = load_base(path)
+    return model, tokenizer, str(path)
 
 
 def rank_online(bundle: Loaded, c1: int, c2: int, evidence: PairEvidence | None) -> tuple[tuple[int, float], ...]:
@@ -384,6 +385,8 @@ def load_release(cfg: UserConfig, environ: Mapping[str, str] | None = None) -> L
     store = Store(dsn=dsn, schema=check_schema(cfg.store_schema), conn=connect(dsn))
     warnings: list[str] = []
     try:
+        if store.conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (cfg.store_schema,)).fetchone() is None:
+            raise LookupError(f"schema {cfg.store_schema} does not exist in the store")
         catalogue = _load_clusters(store)
         if not len(catalogue):
             raise LookupError(f"schema {cfg.store_schema} has no clusters")

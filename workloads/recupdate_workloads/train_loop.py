@@ -84,12 +84,12 @@ def _examples(cfg: dict[str, Any]) -> Examples:
     return Examples.load(cfg["examples_path"])
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Fine-tune a LoRA adapter on the config's examples; the function Ray Train runs on every worker and
     ``run_inline`` runs in-process. Under Ray (config["_executor"] == "ray") the model is prepared with
     ``ray.train.torch.prepare_model`` (DDP when world > 1), examples are sharded by rank, every rank calls
     ``ray.train.report`` and rank 0 attaches the adapter checkpoint. Inline, the adapter is saved to
-    output_dir. Returns the metrics."""
+    output_dir with its metrics.json."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -188,7 +188,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics)
     else:
         _save_adapter(peft_model, Path(cfg["output_dir"]), metrics)
-    return metrics
 
 
 def _save_adapter(peft_model: Any, out: Path, metrics: dict[str, Any]) -> None:
@@ -200,10 +199,10 @@ def _save_adapter(peft_model: Any, out: Path, metrics: dict[str, Any]) -> None:
 def run_inline(config: dict[str, Any]) -> TrainResult:
     """Run the training loop in this process; the adapter goes to config["output_dir"]."""
     t0 = time.perf_counter()
-    cfg = {**config, "_executor": "inline"}
-    metrics = train_loop_per_worker(cfg)
-    metrics["wall_seconds"] = time.perf_counter() - t0
+    train_loop_per_worker({**config, "_executor": "inline"})
     out = Path(config["output_dir"])
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    metrics["wall_seconds"] = time.perf_counter() - t0
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str))
     return TrainResult(str(out), metrics)
 
@@ -245,7 +244,6 @@ def run_ray(
     """Run the training loop on Ray Train (TorchTrainer, ``workers`` workers). The checkpoint lands under
     ``storage_path`` (default: ``<output_dir>/../ray_results``) and is copied to config["output_dir"]. Ray is
     initialised if needed (``ensure_ray``) and left running for later calls."""
-    import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

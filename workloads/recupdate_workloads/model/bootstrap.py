@@ -231,7 +231,7 @@ def load_base(
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
     model.to(device)
     model.eval()
     if model.generation_config.pad_token_id is None:

@@ -73,16 +73,14 @@ def rule_shift(k: int) -> Rule:
 
 
 def toy_catalogue(n: int = 10) -> Catalogue:
-    if not 3 <= n <= len(_WORDS):
-        raise ValueError(f"n must be in 3..{len(_WORDS)}")
-    clusters = [
-        Cluster(
-            i,
-            f"{_WORDS[i].title()}|{_WORDS[(i + 1) % n].title()}",
-            (_WORDS[i], _WORDS[(i + 1) % n], _MOODS[i]),
-        )
-        for i in range(n)
-    ]
+    """n clusters (3 <= n <= 240) named "<Word>|<Word>" with those two words and a mood as keywords."""
+    w = len(_WORDS)
+    if not 3 <= n <= w * (w - 1):
+        raise ValueError(f"n must be in 3..{w * (w - 1)}")
+    clusters = []
+    for i in range(n):
+        a, b = _WORDS[i % w], _WORDS[(i % w + 1 + i // w) % w]
+        clusters.append(Cluster(i, f"{a.title()}|{b.title()}", (a, b, _MOODS[i % len(_MOODS)])))
     return Catalogue(clusters)
 
 

@@ -1,0 +1,171 @@
+"""Local backend: the same interface as the KubeRay backend, on one machine.
+
+Jobs are the same workload entrypoints KubeRay would run (`python -m recupdate_workloads.<kind> --config ...
+--run-id ...`), as subprocesses attached to the local Ray cluster (RAY_ADDRESS), against the embedded
+PostgreSQL store. Serving is a local Ray Serve application deployed through Serve's deploy path, with the
+same Serve config the operator puts into a RayService (base.serve_config), so a roll is a reconfigure.
+
+The store is the source of truth for finished runs: a restarted `recupdate local` observes earlier runs from
+the registry (a run still marked running whose process is gone is reported failed), so it never repeats one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ..api import RunKind
+from ..planner import LaunchRun, ObservedJob
+from .base import DSN_ENV, BackendError, PolicyRef, ServingStatus, serve_config
+
+LOCAL_REPLICA_CPUS = 0.25  # leave the cores to training and refresh jobs on a small machine
+
+
+@dataclass
+class _Job:
+    name: str
+    kind: RunKind
+    run_id: str
+    generation: int
+    proc: subprocess.Popen[bytes]
+    started: datetime
+    ended: datetime | None = None
+    log: Path | None = None
+
+
+class LocalBackend:
+    """Runs jobs as local subprocesses and serves through a local Ray Serve. `clock` gives job start/end times
+    (the simulated clock in accelerated runs); `env` is added to every job's environment."""
+
+    def __init__(
+        self,
+        dsn: str,
+        workdir: str | Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        port: int = 8000,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        serve: bool = True,
+    ) -> None:
+        self.dsn = dsn
+        self.workdir = Path(workdir)
+        self.env = dict(env or {})
+        self.port = port
+        self.clock = clock
+        self.serve = serve
+        self.jobs: dict[str, _Job] = {}
+        self._served: dict[str, Any] | None = None
+
+    # -- jobs ----------------------------------------------------------------------------------------------
+
+    def launch_run(self, policy: PolicyRef, launch: LaunchRun) -> str:
+        if launch.job_name in self.jobs or self._stored_run(policy, launch.run_id) is not None:
+            return launch.job_name
+        jobs_dir = self.workdir / "jobs"
+        jobs_dir.mkdir(parents=True, exist_ok=True)
+        cfg = jobs_dir / f"{launch.job_name}.json"
+        cfg.write_text(json.dumps(dict(launch.config), indent=2, default=str))
+        log = jobs_dir / f"{launch.job_name}.log"
+        cmd = [sys.executable, "-m", f"recupdate_workloads.{launch.kind.value}", "--config", str(cfg),
+               "--run-id", launch.run_id]  # fmt: skip
+        env = {**os.environ, **self.env, DSN_ENV: self.dsn}
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.jobs[launch.job_name] = _Job(launch.job_name, launch.kind, launch.run_id, launch.generation, proc,
+                                          self.clock(), log=log)  # fmt: skip
+        return launch.job_name
+
+    def delete_job(self, policy: PolicyRef, name: str) -> None:
+        job = self.jobs.pop(name, None)
+        if job is not None and job.proc.poll() is None:
+            job.proc.terminate()
+            try:
+                job.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+
+    def running(self) -> bool:
+        return any(j.proc.poll() is None for j in self.jobs.values())
+
+    def observe_jobs(self, policy: PolicyRef) -> list[ObservedJob]:
+        out: dict[str, ObservedJob] = {}
+        for run_id, kind, status, started, finished, error in self._stored_runs(policy):
+            if run_id in self.jobs:
+                continue
+            # From an earlier session: the store says how it ended; a run left 'running' has no process now.
+            dep, js = ("Complete", "SUCCEEDED") if status == "succeeded" else ("Failed", "FAILED")
+            msg = error or ("interrupted: its process is gone" if status == "running" else "")
+            out[run_id] = ObservedJob(run_id, RunKind(kind), run_id, policy.generation, dep, js, started,
+                                      finished or started, msg, "" if status == "succeeded" else "JobFailed")  # fmt: skip
+        for job in self.jobs.values():
+            rc = job.proc.poll()
+            if rc is None:
+                dep, js = "Running", "RUNNING"
+            else:
+                job.ended = job.ended or self.clock()
+                dep, js = ("Complete", "SUCCEEDED") if rc == 0 else ("Complete", "FAILED")
+            msg = "" if rc in (None, 0) else f"exit code {rc}; log {job.log}"
+            out[job.name] = ObservedJob(job.name, job.kind, job.run_id, job.generation, dep, js, job.started,
+                                        job.ended, msg)  # fmt: skip
+        return list(out.values())
+
+    def _stored_runs(self, policy: PolicyRef) -> list[tuple[Any, ...]]:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                q = sql.SQL("SELECT run_id, kind, status, started_at, finished_at, error FROM {}").format(
+                    sql.Identifier(policy.schema, "runs")
+                )
+                return [r for r in conn.execute(q).fetchall() if r[1] in ("finetune", "refresh")]
+        except psycopg.errors.UndefinedTable:
+            return []
+        except psycopg.Error as exc:
+            raise BackendError(f"cannot read runs: {type(exc).__name__}") from None
+
+    def _stored_run(self, policy: PolicyRef, run_id: str) -> tuple[Any, ...] | None:
+        return next((r for r in self._stored_runs(policy) if r[0] == run_id), None)
+
+    # -- serving -------------------------------------------------------------------------------------------
+
+    def _config(self, policy: PolicyRef, user_config: Mapping[str, Any]) -> dict[str, Any]:
+        cfg = serve_config(policy.spec, user_config)
+        for app in cfg["applications"]:
+            app.setdefault("runtime_env", {}).setdefault("env_vars", {})[DSN_ENV] = self.dsn
+            for dep in app["deployments"]:
+                dep["ray_actor_options"] = {"num_cpus": LOCAL_REPLICA_CPUS}
+        return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": self.port}, **cfg}
+
+    def ensure_serving(self, policy: PolicyRef, user_config: Mapping[str, Any]) -> None:
+        if not self.serve:
+            self._served = dict(user_config)
+            return
+        from recupdate_workloads import serving  # local mode may import the workloads
+
+        serving.deploy(self._config(policy, user_config))
+        self._served = dict(user_config)
+
+    def roll_serving(self, policy: PolicyRef, user_config: Mapping[str, Any]) -> None:
+        # Deploying a config that differs only in user_config reconfigures live replicas (no serve.run).
+        self.ensure_serving(policy, user_config)
+
+    def stop_serving(self, policy: PolicyRef) -> None:
+        if self.serve and self._served is not None:
+            from ray import serve
+
+            serve.delete(policy.spec.serving.application_name)
+        self._served = None
+
+    def serving_status(self, policy: PolicyRef) -> ServingStatus | None:
+        if self._served is None:
+            return None
+        return ServingStatus(policy.spec.serving.application_name, self._served.get("release_id"), self._served,
+                             policy.generation, "Running", True)  # fmt: skip
