@@ -3,6 +3,8 @@
 tests/ has no __init__.py, so pytest puts tests/ on sys.path and the helpers import as ``k8s.*``.
 """
 
+import os
+
 from k8s.fixtures import (  # noqa: F401  (pytest fixtures, used by name)
     helm,
     helm_binary,
@@ -14,3 +16,7 @@ from k8s.fixtures import (  # noqa: F401  (pytest fixtures, used by name)
 )
 
 pytest_plugins = ["fixtures.store"]  # pg_dsn (one embedded PostgreSQL per session), store (a fresh schema)
+
+# One torch/OpenMP thread per process: tests share 2 cores with PostgreSQL and Ray, and oversubscribed
+# OpenMP threads spin-wait (measured: a LoRA test took 196 s with 2 threads under load, 8 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from recupdate_workloads.model.bootstrap import bootstrap, load_base
 from recupdate_workloads.model.examples import Examples, build_examples
@@ -17,6 +18,15 @@ from recupdate_workloads.train_loop import ADAPTER_FILE, METRICS_FILE, load_adap
 
 CAT = toy_catalogue(8)
 OLD, NEW = rule_shift(1), rule_shift(3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a busy shared box two spinning OpenMP threads run many times slower."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")

@@ -150,17 +150,30 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("n as string", {"recent_clusters": [0, 1], "n": "5"}, "n: Input should be a valid integer"),
     ("n fractional", {"recent_clusters": [0, 1], "n": 2.5}, "n: Input should be a valid integer"),
     ("n bool", {"recent_clusters": [0, 1], "n": True}, "n: Input should be a valid integer"),
+    ("n infinite", b'{"recent_clusters": [0, 1], "n": 1e400}', "n: Input should be a valid integer"),
+    ("n huge", b'{"recent_clusters": [0, 1], "n": 123456789012345678901234567890}', "n: Input should be less"),
+    ("id huge", {"recent_clusters": [0, 2**70]}, "recent_clusters.1: cluster ids are integers from 0"),
+    ("empty body", b"", "body: Field required"),
+    ("not utf-8", b"\xff\xfe", "body: invalid JSON"),
     ("clusters not a list", {"recent_clusters": "0,1"}, "recent_clusters: Input should be a valid list"),
-    ("cluster float", {"recent_clusters": [0, 1.5]}, "recent_clusters.1"),
-    ("cluster null", {"recent_clusters": [None, 1]}, "recent_clusters.0"),
-    ("cluster object", {"recent_clusters": [{"id": 1}]}, "recent_clusters.0"),
-    ("negative id", {"recent_clusters": [-1, 1]}, "recent_clusters.0"),
-    ("empty name", {"recent_clusters": ["", 1]}, "recent_clusters.0"),
+    ("cluster float", {"recent_clusters": [0, 1.5]}, "recent_clusters.1: expected a cluster id (integer) or a"),
+    ("cluster null", {"recent_clusters": [None, 1]}, "recent_clusters.0: expected a cluster id"),
+    ("cluster object", {"recent_clusters": [{"id": 1}]}, "recent_clusters.0: expected a cluster id"),
+    ("cluster bool", {"recent_clusters": [True, 1]}, "recent_clusters.0: expected a cluster id"),
+    ("negative id", {"recent_clusters": [-1, 1]}, "recent_clusters.0: cluster ids are integers from 0"),
+    ("empty name", {"recent_clusters": ["", 1]}, "recent_clusters.0: cluster names have 1 to 200 characters"),
+    ("long name", {"recent_clusters": ["x" * 201, 1]}, "recent_clusters.0: cluster names have 1 to 200"),
     ("oversize list", {"recent_clusters": [0, 1] * 51}, "recent_clusters: List should have at most 100 items"),
     ("user_id not a string", {"user_id": 7, "recent_clusters": [0, 1]}, "user_id: Input should be a valid string"),
     ("unknown id", {"recent_clusters": [0, 999]}, "recent_clusters.1: unknown cluster 999"),
     ("unknown name", {"recent_clusters": ["nope", 1, "zilch"]}, "unknown cluster 'zilch'"),
 ]
+
+
+async def test_wrong_content_type_gets_a_hint(client: tuple) -> None:
+    c, _ = client
+    r = await c.post("/recommend", content=b'{"recent_clusters": [0, 1]}', headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and r.json()["message"].startswith("send Content-Type: application/json")
 
 
 @pytest.mark.parametrize(("body", "expect"), [(b, e) for _, b, e in BAD_BODIES], ids=[i for i, _, _ in BAD_BODIES])
@@ -174,6 +187,7 @@ async def test_invalid_requests_get_422_with_a_message(client: tuple, body: Any,
     out = r.json()
     assert expect in out["message"], out
     assert isinstance(out["detail"], list) and out["detail"]
+    assert len(r.content) < 2000  # inputs are echoed back shortened
 
 
 async def test_miss_is_answered_by_the_model_with_fresh_evidence(demo: tuple, pg_dsn: str) -> None:
@@ -292,6 +306,57 @@ async def test_swaps_under_concurrent_requests_never_mix_releases(client: tuple,
     assert seen["rel-a"] > 0 and seen["rel-b"] > 0
 
 
+def _slow_service(dsn: str, delay_s: float) -> RecommenderService:
+    env = {"RECUPDATE_STORE_DSN": dsn}
+
+    def loader(cfg: UserConfig) -> Loaded:
+        time.sleep(delay_s)
+        return load_release(cfg, env)
+
+    return RecommenderService(loader=loader, retry_delays_s=())
+
+
+async def test_background_swap_serves_the_old_release_until_the_new_one_is_loaded(demo: tuple, pg_dsn: str) -> None:
+    svc = _slow_service(pg_dsn, 0.5)
+    rel = demo[1].releases
+    assert await svc.reconfigure({**rel["rel-a"], "background_swap": True})  # nothing loaded yet: awaited
+    assert svc.loaded is not None and svc.loaded.release_id == "rel-a"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_api(svc)), base_url="http://t") as c:
+        t0 = time.perf_counter()
+        assert await svc.reconfigure({**rel["rel-b"], "background_swap": True})
+        assert time.perf_counter() - t0 < 0.2
+        info = (await c.get("/release")).json()
+        assert info["release_id"] == "rel-a" and info["loading"] == "rel-b"
+        assert (await _rec(c, [0, 5]))["release"] == "rel-a"
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if svc.loading is None:
+                break
+        info = (await c.get("/release")).json()
+        assert info["release_id"] == "rel-b" and info["loading"] is None and not info["last_reconfigure_failed"]
+        assert (await _rec(c, [0, 5]))["release"] == "rel-b"
+
+        # a newer reconfigure supersedes a load in flight: the superseded release is never served
+        labels: list[str] = []
+        assert await svc.reconfigure({**rel["rel-a"], "background_swap": True})
+        assert await svc.reconfigure({**rel["rel-b"], "online_timeout_ms": 5, "background_swap": True})
+        for _ in range(100):
+            labels.append((await _rec(c, [0, 5]))["release"])
+            await asyncio.sleep(0.02)
+            if svc.loading is None:
+                break
+        assert set(labels) == {"rel-b"} and svc.loaded.config.online_timeout_ms == 5
+        # a failed background load keeps the old release and says so
+        assert await svc.reconfigure({**rel["rel-a"], "table_version": 999, "background_swap": True})
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if svc.loading is None:
+                break
+        info = (await c.get("/release")).json()
+        assert info["release_id"] == "rel-b" and info["last_reconfigure_failed"] and info["loading"] is None
+    svc.shutdown()
+
+
 def test_serve_application_shape_and_rolls() -> None:
     from ray.serve.schema import ServeDeploySchema
 
@@ -300,21 +365,38 @@ def test_serve_application_shape_and_rolls() -> None:
     assert entry["name"] == APP_NAME and entry["import_path"] == IMPORT_PATH
     assert entry["runtime_env"] == {"env_vars": {"RECUPDATE_STORE_DSN": "postgresql://x"}}
     (dep,) = entry["deployments"]
-    assert dep["name"] == DEPLOYMENT_NAME and dep["num_replicas"] == 2 and dep["user_config"] == uc
+    assert dep["name"] == DEPLOYMENT_NAME and dep["num_replicas"] == 2
+    assert dep["user_config"] == {**uc, "background_swap": False}  # several replicas: Serve updates one at a time
+    assert serve_application(uc, 1)["deployments"][0]["user_config"]["background_swap"] is True
+    uc = dep["user_config"]
     assert dep["ray_actor_options"] == {"num_cpus": 0.5}
     cfg = serve_config([entry], port=8123)
     ServeDeploySchema.model_validate(cfg)  # what deploy() hands the controller
     UserConfig.model_validate(uc)  # what the replica accepts
     new_uc = user_config("rel-2", None, 4, "policy_x", online_timeout_ms=100)
     rolled = with_user_config(cfg, new_uc)
-    assert recommender_user_config(rolled) == new_uc and recommender_user_config(cfg) == uc
+    assert recommender_user_config(rolled) == {**new_uc, "background_swap": False}  # kept from the deployment
+    assert recommender_user_config(cfg) == uc
     strip = json.loads(json.dumps(rolled))
     strip["applications"][0]["deployments"][0]["user_config"] = uc
     assert strip == cfg  # nothing but user_config changed: an in-place reconfigure
+    assert recommender_user_config(with_user_config(cfg, {**new_uc, "background_swap": True}))["background_swap"]
+    quiet = serve_config([serve_application(uc, 1, access_log=False)])
+    assert quiet["applications"][0]["logging_config"] == {"enable_access_log": False}
+    ServeDeploySchema.model_validate(quiet)
     with pytest.raises(ValueError):
         serve_application({"release_id": "x"}, 1)
     with pytest.raises(ValueError):
         user_config("r", None, 1, "s", typo=1)
+
+
+def test_application_builder() -> None:
+    from ray.serve import Application
+
+    from recupdate_workloads import serving
+
+    assert isinstance(serving.app, Application)
+    assert isinstance(serving.build_app({"max_pending_model_calls": 2, "ignored": 1}), Application)
 
 
 def test_serving_config_imports_nothing_heavy() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from recupdate_workloads.serve_cli import discover_schema, follow_promotions, user_config_of
+from recupdate_workloads.serve_cli import follow_promotions, user_config_of
 from recupdate_workloads.serving_demo import build_demo_store
 from recupdate_workloads.store import registry as reg
 from recupdate_workloads.store.db import Store, connect, migrate
@@ -57,7 +58,9 @@ def test_follow_promotions_rolls_each_new_active_release_once() -> None:
         n["polls"] += 1
         return n["polls"] > len(seq)
 
-    last = follow_promotions(active, roll, "a", poll_s=0, should_stop=should_stop, sleep=lambda s: None, log=logs.append)
+    last = follow_promotions(
+        active, roll, "a", poll_s=0, should_stop=should_stop, sleep=lambda s: None, log=logs.append
+    )
     assert rolled == ["b", "c"] and last == "c"
     assert any("store down" in m for m in logs) and any("rollout to c failed" in m for m in logs)
 
@@ -105,12 +108,12 @@ def cli_store(pg_dsn: str) -> Iterator[Store]:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_recupdate_serve_follows_promotions(cli_store: Store, pg_dsn: str) -> None:
-    assert discover_schema(cli_store.conn) in (cli_store.schema,) or True  # other tests' schemas may coexist
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    ray_dir = tempfile.mkdtemp(prefix="rsc-", dir="/tmp")
     cmd = [
         sys.executable, "-m", "recupdate_operator.cli", "serve", "--schema", cli_store.schema, "--port", str(port),
-        "--poll", "0.5", "--ray-temp-dir", tempfile.mkdtemp(prefix="rsc-", dir="/tmp"), "--duration", "240",
+        "--poll", "0.5", "--ray-temp-dir", ray_dir, "--duration", "240",
     ]  # fmt: skip
     env = {**os.environ, "RECUPDATE_STORE_DSN": pg_dsn}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -138,5 +141,6 @@ def test_recupdate_serve_follows_promotions(cli_store: Store, pg_dsn: str) -> No
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
+        shutil.rmtree(ray_dir, ignore_errors=True)
     assert proc.returncode == 0, out[-3000:]
     assert "serving release rel-a" in out and "rolled to release rel-b" in out, out[-3000:]

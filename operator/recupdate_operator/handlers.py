@@ -214,8 +214,11 @@ class Scheduler:
     async def run(self) -> None:
         try:
             while True:
+                # Due within a millisecond counts as due, and the wait is computed from the true time: float
+                # rounding must never leave a timer that fires at once yet finds nothing due (under a fake
+                # clock, time would then never move on).
                 now = self._loop.time()
-                while self._heap and self._heap[0][0] <= now:
+                while self._heap and self._heap[0][0] <= now + 1e-3:
                     when, _, key = heapq.heappop(self._heap)
                     if self._due.get(key) != when:
                         continue  # superseded
@@ -227,7 +230,7 @@ class Scheduler:
                     task = asyncio.create_task(self._run_one(key), name=f"reconcile {key[0]}/{key[1]}")
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-                timeout = self._heap[0][0] - now if self._heap else None
+                timeout = max(self._heap[0][0] - now, 1e-3) if self._heap else None
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout)

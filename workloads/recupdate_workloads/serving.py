@@ -45,12 +45,15 @@ __all__ = [
     "build_app",
     "current_config",
     "deploy",
+    "deployed_user_config",
     "ensure_local_ray",
+    "recommender_user_config",
     "roll",
     "serve_application",
     "serve_config",
     "shutdown",
     "user_config",
+    "wait_for_release",
     "wait_for_rollout",
     "with_user_config",
 ]
@@ -83,14 +86,17 @@ class Recommender:
         """What GET /release answers, for deployment handles."""
         return self.service.release_info()
 
+    def __del__(self) -> None:
+        self.service.shutdown()
 
-app = Recommender.bind()
+
+app = Recommender.bind()  # type: ignore[attr-defined]  # serve.deployment made it a Deployment
 
 
 def build_app(args: dict[str, Any]) -> Any:
     """An application builder (``import_path: recupdate_workloads.serving:build_app`` with ``args``):
     ``max_pending_model_calls``."""
-    return Recommender.bind(**{k: v for k, v in args.items() if k in ("max_pending_model_calls",)})
+    return Recommender.bind(**{k: v for k, v in args.items() if k in ("max_pending_model_calls",)})  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,8 +190,40 @@ def roll(
     new = with_user_config(base, new_user_config, app_name)
     t0 = time.perf_counter()
     deploy(new, wait=wait, timeout_s=timeout_s)
+    uc = recommender_user_config(new, app_name) or {}
+    if wait and uc.get("background_swap"):
+        # Serve is done once reconfigure() returned; with background swaps the load may still be running.
+        wait_for_release(str(uc["release_id"]), app_name=app_name, timeout_s=timeout_s)
     log.info("rolled %s to %s in %.2fs", app_name, new_user_config.get("release_id"), time.perf_counter() - t0)
     return new
+
+
+def wait_for_release(
+    release_id: str, *, app_name: str = APP_NAME, timeout_s: float = 120.0, poll_s: float = 0.05
+) -> dict[str, Any]:
+    """Block until the replicas have settled on ``release_id``: serving it, or having given up on it (its load
+    failed; the previous release serves and reports the error). Asks replicas through a deployment handle
+    until 3 answers per replica in a row agree (the router picks replicas; a single replica is certain).
+    Returns the last answer."""
+    details = _client().get_serve_details()
+    dep = (((details.get("applications") or {}).get(app_name) or {}).get("deployments") or {}).get(DEPLOYMENT_NAME)
+    replicas = int((dep or {}).get("target_num_replicas") or 1)
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name)
+    deadline = time.monotonic() + timeout_s
+    agree = 0
+    info: dict[str, Any] = {}
+    while agree < 3 * replicas:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replicas not settled on {release_id} after {timeout_s}s: {info}")
+        info = handle.release_info.remote().result(timeout_s=timeout_s)
+        settled = info.get("loading") is None and (
+            info.get("release_id") == release_id
+            or (info.get("last_reconfigure_target") == release_id and info.get("last_reconfigure_failed"))
+        )
+        agree = agree + 1 if settled else 0
+        if not settled:
+            time.sleep(poll_s)
+    return info
 
 
 def wait_for_rollout(config: Mapping[str, Any], *, timeout_s: float = 120.0, poll_s: float = 0.1) -> None:

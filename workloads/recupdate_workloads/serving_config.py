@@ -24,7 +24,7 @@ ROUTE_PREFIX = "/"
 DSN_ENV = "RECUPDATE_STORE_DSN"
 #: The contract keys of a release's user_config (DESIGN.md section 4); the rest are optional tuning knobs.
 USER_CONFIG_KEYS = ("release_id", "adapter_uri", "table_version", "store_schema")
-OPTIONAL_USER_CONFIG_KEYS = ("dsn_env", "online_timeout_ms", "evidence_timeout_ms")
+OPTIONAL_USER_CONFIG_KEYS = ("dsn_env", "online_timeout_ms", "evidence_timeout_ms", "background_swap")
 #: Requests one replica takes at once. The handler is async and a table hit takes microseconds, so the
 #: default of Ray Serve (5) would queue requests in the proxy for nothing.
 DEFAULT_MAX_ONGOING_REQUESTS = 64
@@ -38,7 +38,7 @@ def user_config(
     **extra: Any,
 ) -> dict[str, Any]:
     """A release's user_config: the contract keys plus optional ones (``dsn_env``, ``online_timeout_ms``,
-    ``evidence_timeout_ms``)."""
+    ``evidence_timeout_ms``, ``background_swap``)."""
     unknown = set(extra) - set(OPTIONAL_USER_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"unknown user_config keys: {sorted(unknown)}")
@@ -63,8 +63,16 @@ def serve_application(
     num_cpus: float = 1.0,
     max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
     env_vars: Mapping[str, str] | None = None,
+    background_swap: bool | None = None,
+    access_log: bool = True,
 ) -> dict[str, Any]:
     """One entry of ``applications`` in a Serve config / KubeRay ``serveConfigV2``.
+
+    ``background_swap`` (default: on for a single replica) makes replicas load a new release in the background
+    and return from ``reconfigure()`` at once: Serve routes no request to a replica while its reconfigure()
+    runs, so with one replica an awaited load would queue all traffic for its whole duration. With several
+    replicas Serve updates them one at a time and the others keep serving, so the awaited load (and Serve's
+    status reflecting it) is kept. ``access_log=False`` turns off Serve's per-request access log lines.
 
     ``env_vars`` are merged into ``runtime_env.env_vars``; production passes the store DSN there as
     ``RECUPDATE_STORE_DSN`` (on Kubernetes it usually comes from a Secret on the Ray pods instead; then pass
@@ -75,10 +83,13 @@ def serve_application(
         raise ValueError(f"user_config lacks {missing}")
     if replicas < 1:
         raise ValueError("replicas must be >= 1")
+    uc = dict(user_config)
+    if "background_swap" not in uc:
+        uc["background_swap"] = replicas == 1 if background_swap is None else bool(background_swap)
     env = copy.deepcopy(dict(runtime_env or {}))
     if env_vars:
         env["env_vars"] = {**env.get("env_vars", {}), **{k: str(v) for k, v in env_vars.items()}}
-    return {
+    app: dict[str, Any] = {
         "name": name,
         "import_path": import_path,
         "route_prefix": route_prefix,
@@ -89,10 +100,13 @@ def serve_application(
                 "num_replicas": int(replicas),
                 "max_ongoing_requests": int(max_ongoing_requests),
                 "ray_actor_options": {"num_cpus": float(num_cpus)},
-                "user_config": dict(user_config),
+                "user_config": uc,
             }
         ],
     }
+    if not access_log:
+        app["logging_config"] = {"enable_access_log": False}
+    return app
 
 
 def serve_config(
@@ -115,14 +129,19 @@ def with_user_config(
     config: Mapping[str, Any], new_user_config: Mapping[str, Any], app_name: str = APP_NAME
 ) -> dict[str, Any]:
     """A copy of a Serve config whose recommender deployment carries ``new_user_config``; nothing else
-    changes, so deploying it is an in-place reconfigure, never a replica replacement."""
+    changes, so deploying it is an in-place reconfigure, never a replica replacement. ``background_swap``, a
+    property of the deployment's shape rather than of a release, is kept unless ``new_user_config`` sets it."""
     out = copy.deepcopy(dict(config))
     for app in out.get("applications", []):
         if app.get("name") != app_name:
             continue
         for dep in app.get("deployments", []):
             if dep.get("name") == DEPLOYMENT_NAME:
-                dep["user_config"] = dict(new_user_config)
+                uc = dict(new_user_config)
+                old = dep.get("user_config") or {}
+                if "background_swap" not in uc and "background_swap" in old:
+                    uc["background_swap"] = old["background_swap"]
+                dep["user_config"] = uc
                 return out
     raise KeyError(f"no deployment {DEPLOYMENT_NAME!r} in application {app_name!r}")
 

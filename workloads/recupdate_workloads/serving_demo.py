@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from recupdate_workloads.data.types import Catalogue, Cluster
 from recupdate_workloads.model.toy import toy_catalogue, toy_evidence, toy_triples
 from recupdate_workloads.serving_config import user_config
 from recupdate_workloads.store import catalogue as cat
@@ -42,6 +43,13 @@ class DemoStore:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def demo_catalogue(n: int) -> Catalogue:
+    """The toy catalogue (genre-pair names) up to 16 clusters; beyond, numbered topics."""
+    if n <= 16:
+        return toy_catalogue(n)
+    return Catalogue([Cluster(i, f"Topic {i:03d}", (f"topic{i:03d}", f"group{i % 7}")) for i in range(n)])
+
+
 def _table(n: int, allowed: list[int], missing: set[tuple[int, int]], top: int) -> tuple[np.ndarray, ...]:
     pairs = [(a, b) for a in range(n) for b in range(n) if a != b and (a, b) not in missing]
     c1 = np.array([p[0] for p in pairs], np.int32)
@@ -49,9 +57,12 @@ def _table(n: int, allowed: list[int], missing: set[tuple[int, int]], top: int) 
     ids = np.full((len(pairs), top), -1, np.int32)
     scores = np.zeros((len(pairs), top), np.float32)
     for i, (a, b) in enumerate(pairs):
-        row = [c for c in allowed if c not in (a, b)][:top]
         # a deterministic, pair-dependent order, so different pairs get different rankings
-        row = sorted(row, key=lambda c, a=a, b=b: (c * 7 + a * 3 + b) % len(allowed))
+        def order(c: int, a: int = a, b: int = b) -> int:
+            return (c * 7 + a * 3 + b) % len(allowed)
+
+        row = sorted((c for c in allowed if c not in (a, b)), key=order)
+        row = row[:top]
         ids[i, : len(row)] = row
         scores[i, : len(row)] = -np.arange(1, len(row) + 1, dtype=np.float32) / 2
     return c1, c2, ids, scores, np.zeros(len(pairs), np.int8)
@@ -65,14 +76,16 @@ def build_demo_store(
     triples: int = 1200,
     seed: int = 0,
     embed: bool = False,
+    top_n: int = 10,
 ) -> DemoStore:
     """Populate ``store`` (a migrated, empty schema). With ``model_dir``, also bootstrap a tiny base model and
-    train a LoRA adapter there (seconds on CPU); without, releases have no adapter. ``embed`` embeds cluster
-    descriptions with MiniLM (seconds to load); otherwise clusters get fixed pseudo-random unit vectors, which
-    is all evidence borrowing needs to find neighbours."""
+    train a LoRA adapter there (seconds on CPU; at most 16 clusters); without, releases have no adapter. Rows of
+    the tables hold at most ``top_n`` clusters. ``embed`` embeds cluster descriptions with MiniLM (seconds to
+    load); otherwise clusters get fixed pseudo-random unit vectors, which is all evidence borrowing needs to
+    find neighbours."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    catalogue = toy_catalogue(n_clusters)
+    catalogue = demo_catalogue(n_clusters)
     cat.save_catalogue(store, catalogue, np.arange(n_clusters, dtype=np.int32), embed=embed)
     if not embed:
         vec = np.random.default_rng(1234).normal(size=(n_clusters, 384)).astype(np.float32)
@@ -94,9 +107,11 @@ def build_demo_store(
     sets = {"rel-a": list(range(half)), "rel-b": list(range(half, n_clusters))}
     missing = set(MISSING_PAIRS)
     versions = {}
+    t3 = time.perf_counter()
     for rid, allowed in sets.items():
-        c1, c2, ids, scores, source = _table(n_clusters, allowed, missing, top=half)
+        c1, c2, ids, scores, source = _table(n_clusters, allowed, missing, top=min(half, top_n))
         versions[rid] = tables.publish_table(store, c1, c2, ids, scores, source, snap.snapshot_id, None)
+    timings["tables"] = time.perf_counter() - t3
 
     adapter_uri: str | None = None
     base_model: str | None = None

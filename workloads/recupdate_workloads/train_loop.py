@@ -10,7 +10,9 @@ The config (a plain dict, so it travels to Ray workers and comes from the policy
                      metrics.json)                                                   (required)
     lora             {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": [...]}
     lr 2e-3, epochs 3, batch_size 64, weight_decay 0.0, warmup_frac 0.05, max_grad_norm 1.0, seed 0
-    num_threads      torch threads per worker (default: the worker's CPUs)
+    num_threads      torch threads per worker (default: the worker's CPUs on Ray; torch's default inline).
+                     On a machine shared with other busy processes, 1 thread is far faster than 2: spinning
+                     OpenMP threads that are descheduled stall each other (measured: 8x).
 
 Loss is on the answer tokens only, with logits computed only at the answer positions (model/training.py).
 """
@@ -91,16 +93,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ``ray.train.report`` and rank 0 attaches the adapter checkpoint. Inline, the adapter is saved to
     output_dir with its metrics.json."""
     import torch
+
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    cfg = _with_defaults(config)
+    # Ray sets OMP_NUM_THREADS=1 in workers: run_ray passes the worker's CPUs. Inline, torch's default
+    # (physical cores, or OMP_NUM_THREADS) stands unless the config says otherwise.
+    threads = int(cfg.get("num_threads") or torch.get_num_threads())
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _train(cfg, threads, t_start, cpu_start)
+    finally:
+        torch.set_num_threads(prev_threads)  # inline, the caller's process keeps its setting
+
+
+def _train(cfg: dict[str, Any], threads: int, t_start: float, cpu_start: float) -> None:
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from recupdate_workloads.model.bootstrap import load_base
     from recupdate_workloads.model.training import encode_examples, fit
 
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    cfg = _with_defaults(config)
     on_ray = cfg.get("_executor") == "ray"
-    threads = int(cfg.get("num_threads") or os.cpu_count() or 1)
-    torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
     rank, world = 0, 1
     device: Any = "cpu"
     if on_ray:

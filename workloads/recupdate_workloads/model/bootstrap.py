@@ -170,10 +170,30 @@ def bootstrap(
     historical ``triples``; returns ``out_dir``. Prompts carry evidence from ``evidence_lookup``, except a
     share ``evidence_dropout`` rendered without it. Also writes ``recupdate_bootstrap.json`` (prompt hash,
     sizes, training figures)."""
+    prev_threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
+    try:
+        return _bootstrap(catalogue, triples, evidence_lookup, Path(out_dir), size, epochs, seed, batch_size, lr,
+                          evidence_dropout, max_examples)  # fmt: skip
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _bootstrap(
+    catalogue: Catalogue,
+    triples: Triples,
+    evidence_lookup: EvidenceLookup,
+    out: Path,
+    size: str | ModelSize,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    evidence_dropout: float,
+    max_examples: int | None,
+) -> Path:
     t0 = time.perf_counter()
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if max_examples is not None and len(triples) > max_examples:
         triples = triples.select(np.arange(len(triples) - max_examples, len(triples)))  # the most recent
