@@ -20,7 +20,9 @@ log = logging.getLogger("recupdate.operator")
 MASK = "***"
 MAX_MESSAGE = 1000  # kopf and the API server cut longer Event messages anyway
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
-_KV_PASSWORD = re.compile(r"(?P<key>\bpassword\s*=\s*)(?P<q>'?)(?P<pw>(?:\\'|[^'\s])*)(?P=q)", re.IGNORECASE)
+_KV_PASSWORD = re.compile(
+    r"(?P<key>\bpassword\s*=\s*)(?:'(?P<qpw>(?:\\.|[^'\\])*)'|(?P<pw>[^\s'][^\s]*))", re.IGNORECASE
+)
 _QUERY_PASSWORD = re.compile(r"(?P<key>[?&]password=)(?P<pw>[^&\s]*)", re.IGNORECASE)
 
 
@@ -37,7 +39,8 @@ class Redactor:
             return
         found = {secret}
         for rx in (_URL_PASSWORD, _KV_PASSWORD, _QUERY_PASSWORD):
-            found.update(m.group("pw") for m in rx.finditer(secret) if m.group("pw"))
+            for m in rx.finditer(secret):
+                found.update(v for k, v in m.groupdict().items() if k in ("pw", "qpw") and v)
         with self._lock:
             # Very short strings would mask ordinary words; a 1-3 character password is not worth hiding.
             self._secrets.update(s for s in found if len(s) >= 4)

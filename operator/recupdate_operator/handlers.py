@@ -22,9 +22,12 @@ of schedules in seconds.
 
 Finalizers: none of ours. Children (RayJobs, the RayService) carry ownerReferences to the policy and are
 garbage-collected with it; the registry's schema outlives the policy on purpose (it is data, and a re-created
-policy resumes from it). No kopf daemon or timer is used (either would make kopf put a finalizer on every
-policy), and no change handler (on.create/on.update store progress in annotations on every change; events do
-not need that). Persistence settings are still set to our own prefix, for any handler added later.
+policy resumes from it). A standalone operator (the default) uses no kopf daemon or timer (either makes kopf
+put a finalizer on every policy) and no change handler (on.create/on.update store progress in annotations on
+every change; events do not need that). With peering (several replicas), kopf tells only daemons when this
+operator must pause for a peer, so then a do-nothing daemon per policy gates the scheduler, and kopf adds its
+finalizer (kopf.recupdate.io/finalizer; kopf removes it when the daemon has stopped). Persistence settings use
+our own prefix.
 
 Errors: a store that cannot be read gives Degraded=True (RegistryUnavailable), no action at all, and retries
 with exponential backoff; a failing action stops the plan there, the status is not written, and the next try
@@ -125,7 +128,8 @@ class _Entry:
     unordered_events: int = 0  # events seen since our write that were not it (order unknown: GET)
     reconciled_sig: tuple[Any, ...] | None = None
     job_states: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    served_at: float | None = None  # monotonic time of our last RollServe
+    served_at: datetime | None = None  # when (the controller's clock) we last changed the RayService
+    recheck: bool = False  # a serving check was put off for the grace period
     failures: int = 0
     last_error: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -179,8 +183,9 @@ class Scheduler:
     """Runs `work(key)` for due keys, one at a time per key, at most `workers` at once. work returns the delay
     (seconds) to the key's next run, or None. Times are the event loop's (looptime fast-forwards them)."""
 
-    def __init__(self, work: Callable[[Key], Any], workers: int) -> None:
+    def __init__(self, work: Callable[[Key], Any], workers: int, may_run: Callable[[Key], bool] | None = None) -> None:
         self._work = work
+        self._may_run = may_run or (lambda key: True)
         self._sem = asyncio.Semaphore(workers)
         self._heap: list[tuple[float, int, Key]] = []
         self._due: dict[Key, float] = {}
@@ -211,6 +216,9 @@ class Scheduler:
     def pending(self) -> int:
         return len(self._due) + len(self._running)
 
+    def running(self, key: Key) -> bool:
+        return key in self._running
+
     async def run(self) -> None:
         try:
             while True:
@@ -223,6 +231,8 @@ class Scheduler:
                     if self._due.get(key) != when:
                         continue  # superseded
                     del self._due[key]
+                    if not self._may_run(key):
+                        continue  # not ours to reconcile now (peering): activation triggers it again
                     if key in self._running:
                         self._again.add(key)
                         continue
@@ -292,6 +302,10 @@ class Controller:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._custom: Any = None
         self._kopf_context: contextvars.Context | None = None
+        # With peering, a policy is reconciled only while kopf runs its daemon (kopf stops daemons when this
+        # operator pauses for a peer with a higher priority, and restarts them when it resumes).
+        self.gated = False
+        self._active: set[Key] = set()
         self.reconciles = 0
 
     # -- lifecycle (event loop) ----------------------------------------------------------------------------
@@ -314,7 +328,7 @@ class Controller:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.config.workers, thread_name_prefix="recupdate-reconcile"
         )
-        self._scheduler = Scheduler(self._work, self.config.workers)
+        self._scheduler = Scheduler(self._work, self.config.workers, self._may_run)
         self._scheduler_task = asyncio.create_task(self._scheduler.run(), name="recupdate scheduler")
         for key in self._entries:
             self._scheduler.trigger(key)
@@ -341,6 +355,23 @@ class Controller:
         return await loop.run_in_executor(self._executor, ctx.run, self.reconcile, key)
 
     # -- watch feeds (event loop) --------------------------------------------------------------------------
+
+    def _may_run(self, key: Key) -> bool:
+        return not self.gated or key in self._active
+
+    def activate(self, key: Key) -> None:
+        """kopf's daemon for the policy started: this operator holds it now."""
+        self._active.add(key)
+        self._trigger(key)
+
+    async def deactivate(self, key: Key, timeout: float = 30.0) -> None:
+        """kopf stops the policy's daemon (pause for a peer, deletion, exit): stop reconciling it, and wait
+        for a reconcile in flight so that two operators never act on one policy at once."""
+        self._active.discard(key)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._scheduler is not None and self._scheduler.running(key) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
 
     def attach(self, jobs: Any, services: Any) -> None:
         """Called from a kopf resource handler: keep kopf's indices, and its context (Events are posted
@@ -410,7 +441,9 @@ class Controller:
             self._trigger(key)
 
     def _recently_served(self, entry: _Entry) -> bool:
-        return entry.served_at is not None and time.monotonic() - entry.served_at < self.config.serve_grace_seconds
+        if entry.served_at is None:
+            return False
+        return (self.clock() - entry.served_at).total_seconds() < self.config.serve_grace_seconds
 
     # -- reconcile (worker threads) ------------------------------------------------------------------------
 
@@ -525,12 +558,15 @@ class Controller:
         metrics.set_staleness(key[0], key[1], p.status.active_release_evidence_at, now)
         with entry.lock:
             entry.failures, entry.last_error = 0, None
-        return self._delay(p, now)
+        return self._delay(p, now, entry)
 
-    def _delay(self, p: Plan, now: datetime) -> float:
+    def _delay(self, p: Plan, now: datetime, entry: _Entry) -> float:
         delay = self.config.resync_seconds
         if p.wake_at is not None:
             delay = min(delay, (p.wake_at - now).total_seconds())
+        if entry.recheck:
+            entry.recheck = False
+            delay = min(delay, self.config.serve_grace_seconds + 1)
         return max(MIN_DELAY, delay)
 
     def _check_serving(
@@ -544,9 +580,12 @@ class Controller:
         """If the RayService is gone or serves another release than status.servedRelease says, forget what the
         status says, so the planner rolls Serve again."""
         served = status.get("servedRelease")
-        if not served or not spec.serving.enabled or self._services_index is None or self._recently_served(entry):
+        if not served or not spec.serving.enabled or self._services_index is None:
             return status
         if service is not None and service.release_id == served:
+            return status
+        if self._recently_served(entry):
+            entry.recheck = True  # the index may lag behind our own change: look again after the grace
             return status
         what = "is missing" if service is None else f"serves {service.release_id}"
         log.info("%s/%s: the RayService %s; serving %s again", key[0], key[1], what, served)
@@ -585,7 +624,7 @@ class Controller:
             elif isinstance(action, RollServe):
                 backend.roll_serving(ref, action.user_config)
                 with entry.lock:
-                    entry.served_at = time.monotonic()
+                    entry.served_at = self.clock()
             elif isinstance(action, StopServe):
                 backend.stop_serving(ref)
             elif isinstance(action, PruneReleases):
@@ -607,7 +646,8 @@ class Controller:
         if not ref.spec.serving.enabled or service is None or service.generation == ref.generation:
             return
         if p.of(RollServe) or p.of(StopServe) or self._recently_served(entry):
-            return  # just changed by this plan: the index shows the old object
+            entry.recheck = True  # just changed: the index shows the old object; look again after the grace
+            return
         active = view.active()
         if active is None or active.release_id != p.status.served_release:
             return
@@ -622,7 +662,7 @@ class Controller:
             },
         )
         with entry.lock:
-            entry.served_at = time.monotonic()
+            entry.served_at = self.clock()
 
     def _write_status(self, key: Key, entry: _Entry, body: Mapping[str, Any], status: dict[str, Any]) -> None:
         if _normalized_status(body.get("status")) == status:
@@ -632,8 +672,9 @@ class Controller:
         try:
             # rbac: recupdate.io recommenderupdatepolicies/status patch
             answer = self._custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, key[0], PLURAL, key[1], {"status": status}, _request_timeout=REQUEST_TIMEOUT
-            )
+                GROUP, VERSION, key[0], PLURAL, key[1], {"status": status}, _request_timeout=REQUEST_TIMEOUT,
+                _content_type="application/merge-patch+json",
+            )  # fmt: skip
         except ApiException as exc:
             if exc.status == 404:
                 return  # deleted meanwhile
@@ -716,10 +757,16 @@ def _index_value(body: Mapping[str, Any], value: Any) -> dict[Key, Any] | None:
     return {key: value} if key is not None and value is not None else None
 
 
-def register(registry: kopf.OperatorRegistry, controller: Controller) -> kopf.OperatorRegistry:
-    """Register the operator's handlers for `controller` on `registry` (kopf's default one in production, a
-    fresh one per test)."""
+def register(registry: kopf.OperatorRegistry, controller: Controller, *, peering: bool = False) -> kopf.OperatorRegistry:
+    """Register the operator's handlers for `controller` on `registry` (a fresh one per operator or test).
+
+    peering=True (several operators, kopf peering): policies are reconciled only while kopf runs a daemon for
+    them. kopf delivers its pause (a peer with a higher priority is active) to daemons only, and a daemon
+    makes kopf put its finalizer (kopf.recupdate.io/finalizer) on each policy, so standalone operators, the
+    default, have no daemon and no finalizer.
+    """
     jobs_filter = {LABEL_POLICY: kopf.PRESENT}
+    controller.gated = peering
 
     @kopf.on.startup(registry=registry, id="recupdate_startup")
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -758,6 +805,17 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> kopf.Op
     )
     async def rayservice_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         controller.on_service(type, body)
+
+    if peering:
+
+        @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, id="recupdate_lease", cancellation_timeout=60.0)
+        async def lease(namespace: str, name: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
+            key = (namespace, name)
+            controller.activate(key)
+            try:
+                await stopped.wait()
+            finally:
+                await controller.deactivate(key)
 
     @kopf.on.probe(registry=registry, id="policies")
     def probe(**_: Any) -> int:

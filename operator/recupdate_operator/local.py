@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -172,7 +173,10 @@ class LocalRun:
         real0, sim0 = time.monotonic(), now
         self.now = now
         env = {"RAY_ADDRESS": ray_address, "RECUPDATE_STORAGE": str(self.workdir / "artifacts"),
-               "RECUPDATE_EXECUTOR": self.args.executor, "RECUPDATE_MODEL_SIZE": self.args.model_size}  # fmt: skip
+               "RECUPDATE_EXECUTOR": self.args.executor, "RECUPDATE_MODEL_SIZE": self.args.model_size,
+               # one OpenMP thread per job: jobs share the cores with Serve and PostgreSQL, and oversubscribed
+               # OpenMP threads spin-wait (a LoRA fine-tune ran 20x slower with 2 threads under load)
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
         backend = LocalBackend(self.store.dsn, self.workdir, env=env, port=self.args.port, clock=lambda: self.now)
         registry = Registry(None, StoreSettings(default_dsn=self.store.dsn))
         status: dict[str, Any] = {}

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             default_dsn=os.environ.get(DSN_ENV) or None,
         )
     )
-    registry = register(kopf.OperatorRegistry(), controller)
+    registry = register(kopf.OperatorRegistry(), controller, peering=args.peering is not None)
     namespaces = list(args.namespace)
     clusterwide = args.all_namespaces or not namespaces
     if not namespaces and not args.all_namespaces:

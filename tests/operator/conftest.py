@@ -11,11 +11,11 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
-import k8s.emulator
 import pytest
-from k8s.emulator import EmulatedCluster
 from opk_world import World, crd, fmt
 
+import k8s.emulator
+from k8s.emulator import EmulatedCluster
 from recupdate_workloads.store.db import connect, migrate  # tests only: the operator never imports workloads
 
 #: Tuesday 00:30 UTC: the weekly fine-tune (Mondays 03:00) and the daily refresh (00:00) are far from it.

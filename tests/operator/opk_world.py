@@ -20,10 +20,10 @@ from typing import Any
 import kopf
 import psycopg
 import yaml
-from k8s.emulator import EmulatedCluster
-from k8s.kopf_runner import fast_settings, run_kopf
 from psycopg import sql
 
+from k8s.emulator import EmulatedCluster
+from k8s.kopf_runner import fast_settings, run_kopf
 from recupdate_operator.api import ANNOTATION_APPROVE, ANNOTATION_ROLLBACK, API_VERSION, GROUP, KIND, PLURAL, VERSION
 from recupdate_operator.handlers import Controller, ControllerConfig, register
 
@@ -66,18 +66,21 @@ class World:
     # -- the operator ---------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def operator(self, **config: Any) -> AsyncIterator[Controller]:
-        """Run the operator (kopf + Controller) until the block exits."""
+    async def operator(self, peering: tuple[str, int] | None = None, **config: Any) -> AsyncIterator[Controller]:
+        """Run the operator (kopf + Controller) until the block exits; peering=(name, priority) for HA."""
         api_client = self.cluster.kubernetes_client()
         cfg = ControllerConfig(**{"resync_seconds": 3600.0, "workers": 4, **config})
         controller = Controller(api_client=api_client, clock=self.now, config=cfg)
-        registry = register(kopf.OperatorRegistry(), controller)
+        registry = register(kopf.OperatorRegistry(), controller, peering=peering is not None)
         settings = fast_settings()
+        if peering is not None:
+            settings.peering.name, settings.peering.priority = peering
+            settings.peering.mandatory = True
         # A real apiserver sends a bookmark about every minute; the emulator does not, and kopf would reconnect
         # every watch after 70 s of silence: thousands of times over simulated days.
         settings.watching.inactivity_timeout = 365 * 86400.0
         try:
-            async with run_kopf(self.cluster, registry=registry, settings=settings):
+            async with run_kopf(self.cluster, registry=registry, settings=settings, standalone=peering is None):
                 yield controller
         finally:
             await asyncio.to_thread(api_client.close)
@@ -109,7 +112,12 @@ class World:
 
     async def create_policy(self, name: str, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return await self.cluster.create(
-            {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": NS}, "spec": spec or self.spec()}
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "metadata": {"name": name, "namespace": NS},
+                "spec": spec or self.spec(),
+            }
         )
 
     async def patch_policy(self, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,7 +174,9 @@ class World:
         await self.wait(lambda: len(self.jobs()) >= n, timeout)
         return self.jobs()
 
-    async def wait_condition(self, name: str, ctype: str, status: str, reason: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
+    async def wait_condition(
+        self, name: str, ctype: str, status: str, reason: str | None = None, timeout: float = 300.0
+    ) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
             c = self.condition(name, ctype)
             return c if c.get("status") == status and (reason is None or c.get("reason") == reason) else None

@@ -75,7 +75,9 @@ async def test_policy_to_ready(make_world: MakeWorld) -> None:
         assert status["nextFineTuneAt"] == "2030-01-14T03:00:00Z"
         await w.wait_events("Launched", "RunSucceeded", "Promoted", "ServeUpdated")
         assert metrics.value("recupdate_runs_total", {"kind": "finetune", "result": "Succeeded"}) == succeeded + 1
-        assert metrics.value("recupdate_active_release", {"namespace": "default", "policy": "recs", "release": FIRST}) == 1
+        assert (
+            metrics.value("recupdate_active_release", {"namespace": "default", "policy": "recs", "release": FIRST}) == 1
+        )
         staleness = metrics.value("recupdate_staleness_seconds", {"namespace": "default", "policy": "recs"})
         assert staleness is not None and 0 <= staleness < 3600
 
@@ -265,3 +267,77 @@ async def test_the_dsn_never_shows(make_world: MakeWorld, caplog: pytest.LogCapt
     assert "IPv6 host address" in shown  # the error itself is reported...
     assert password not in shown  # ...without the password
     assert password not in (yaml.safe_dump(w.events()) + str(metrics.REGISTRY.collect()))
+
+
+async def test_a_failed_action_stops_the_plan_and_is_retried(make_world: MakeWorld) -> None:
+    w = await make_world()
+    async with w.operator():
+        await w.create_policy("recs")
+        await w.wait_jobs(1)
+        # The first two attempts to create the RayService fail on the API server.
+        w.cluster.api["post /apis/ray.io/v1/namespaces/default/rayservices"][:2] << 500 << {
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd is sad", "code": 500,
+        }  # fmt: skip
+        await w.succeed(FIRST)
+        events = await w.wait_events("ReconcileFailed")
+        failed = [e for e in events if e["reason"] == "ReconcileFailed"]
+        assert failed[0]["type"] == "Warning" and "500" in failed[0]["message"]
+        # The promotion was applied before the failure; the status was not written half-way.
+        assert w.releases() == {FIRST: "active"}
+        assert "servedRelease" not in w.status("recs")
+        await w.wait_condition("recs", "Ready", "True", "Serving")  # retried with backoff
+        assert w.served_user_config()["release_id"] == FIRST  # type: ignore[index]
+        await w.wait_events("ServeUpdated")
+        assert len([e for e in w.events() if e["reason"] == "Promoted"]) == 1  # decided once
+        assert len([e for e in w.events() if e["reason"] == "ReconcileFailed"]) == 1  # reported once
+
+
+async def test_a_deleted_rayservice_is_recreated(make_world: MakeWorld) -> None:
+    w = await make_world()
+    async with w.operator():
+        first = await _first_release(w)
+        svc = w.rayservice()
+        assert svc is not None
+        await asyncio.sleep(120)  # past the grace period of a fresh roll
+        await w.cluster.delete("ray.io/v1", "RayService", svc["metadata"]["name"], namespace="default")
+        await w.wait(lambda: w.rayservice() is not None)
+        assert w.served_user_config()["release_id"] == first  # type: ignore[index]
+        # A spec change to serving reaches the RayService, keeping the served release.
+        await w.patch_policy("recs", {"spec": {"serving": {"replicas": 3}}})
+        await w.wait(
+            lambda: (w.rayservice() or {}).get("metadata", {}).get("labels", {}).get("recupdate.io/generation") == "2"
+        )
+        svc = w.rayservice()
+        assert svc is not None and svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 3
+        assert yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["deployments"][0]["num_replicas"] == 3
+        assert w.served_user_config()["release_id"] == first  # type: ignore[index]
+
+
+async def test_peering_one_operator_acts_at_a_time(make_world: MakeWorld) -> None:
+    from k8s.emulator import kopf_peering_crds
+
+    w = await make_world()
+    for crd in kopf_peering_crds():
+        await w.cluster.apply(crd)
+    await w.cluster.create({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "recupdate"}})
+    # Two operators in one event loop: the helper that runs kopf must stop the later-started one first.
+    async with w.operator(peering=("recupdate", 10)) as standby:
+        async with w.operator(peering=("recupdate", 100)) as leader:
+            await asyncio.sleep(30)  # the standby sees the leader and pauses
+            await w.create_policy("recs")
+            await w.wait_jobs(1)
+            await w.wait_condition("recs", "FineTuning", "True")
+            await asyncio.sleep(3600)
+            assert leader.reconciles >= 1 and standby.reconciles == 0
+            assert "kopf.recupdate.io/finalizer" in w.policy("recs")["metadata"]["finalizers"]
+        # The leader is gone: the standby resumes and carries on alone, without launching the run again.
+        # (Test artifact: the leader's kopf, stopping in this same event loop, cancels every task created since
+        # it started, the standby's fresh daemon included; kopf respawns a daemon on the policy's next event.)
+        await w.patch_policy("recs", {"metadata": {"labels": {"touched": "yes"}}})
+        await w.succeed(FIRST)
+        await w.wait_condition("recs", "Ready", "True", "Serving", timeout=600)
+        assert standby.reconciles >= 1
+        assert w.job_names() == [FIRST]
+        await w.cluster.delete("recupdate.io/v1alpha1", "RecommenderUpdatePolicy", "recs", namespace="default")
+        await w.wait(lambda: not w.policy("recs"))  # kopf stops the daemon and releases the policy
+        assert w.jobs() == [] and w.rayservice() is None  # children garbage-collected

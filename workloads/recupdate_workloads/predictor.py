@@ -58,9 +58,11 @@ class Predictor:
         if len(c1) == 0:
             return np.zeros((0, n), np.int32), np.zeros((0, n), np.float32)
         exclude = np.stack([c1, c2], axis=1).astype(np.int64)
-        return rank_clusters(
+        ids, scores = rank_clusters(
             self.model, self.tokenizer, self.catalogue, self.prompts(c1, c2, evidence), n, self.batch_size, exclude
         )
+        ids[~np.isfinite(scores)] = -1  # n above the number of novel clusters: pad, never list c1 or c2
+        return ids, scores
 
     def exact_match(self, c1: np.ndarray, c2: np.ndarray, evidence: Evidence | None, sample: int = 256) -> float:
         """Share of free greedy answers that name a cluster exactly (on at most `sample` pairs)."""

@@ -64,6 +64,8 @@ HEAD_CPU = "1"
 HEAD_MEMORY = "2Gi"
 ENTRYPOINT_MODULES = {RunKind.FINETUNE: "recupdate_workloads.finetune", RunKind.REFRESH: "recupdate_workloads.refresh"}
 REQUEST_TIMEOUT = (5, 30)  # (connect, read) seconds for every API call
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -513,8 +515,10 @@ class KubeRayBackend:
         try:
             # rbac: ray.io rayservices patch
             obj = self.api.patch_namespaced_custom_object(
-                RAY_GROUP, RAY_VERSION, namespace, plural, name, patch, _request_timeout=REQUEST_TIMEOUT
-            )
+                RAY_GROUP, RAY_VERSION, namespace, plural, name, patch, _request_timeout=REQUEST_TIMEOUT,
+                # The client sends every patch as a merge patch unless told otherwise.
+                _content_type=JSON_PATCH if isinstance(patch, list) else MERGE_PATCH,
+            )  # fmt: skip
         except ApiException as exc:
             raise self._error(exc, f"patch {plural} {namespace}/{name}") from None
         except Exception as exc:
