@@ -50,7 +50,8 @@ from recupdate_workloads.store.db import Store
 PROPOSED_SQL = (
     "WITH q AS MATERIALIZED (SELECT {vec} AS emb FROM clusters a, clusters b WHERE a.cluster = %(c1)s AND b.cluster = %(c2)s)"
     " SELECT p.c1, p.c2, 1 - (p.embedding <=> (SELECT emb FROM q)) FROM {pp} p"
-    " WHERE (p.c1, p.c2) <> (%(c1)s, %(c2)s) ORDER BY p.embedding <=> (SELECT emb FROM q) LIMIT %(k)s"
+    " WHERE (p.c1, p.c2) <> (%(c1)s, %(c2)s) AND EXISTS (SELECT FROM q)"  # unknown cluster: no rows, as today
+    " ORDER BY p.embedding <=> (SELECT emb FROM q) LIMIT %(k)s"
 )
 
 

@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
@@ -102,6 +102,7 @@ KOPF_PREFIX = f"kopf.{GROUP}"
 JOBS_INDEX = "recupdate_rayjobs"
 SERVICES_INDEX = "recupdate_rayservices"
 MIN_DELAY = 1.0  # never reconcile one policy in a tight loop, whatever wake_at says
+AGE_MESSAGE_REFRESH_SECONDS = 3600.0  # how often a status write just to update an age in a message is worth it
 REQUEST_TIMEOUT = (5, 30)
 
 Key = tuple[str, str]  # (namespace, name)
@@ -116,6 +117,9 @@ class ControllerConfig:
     serve_grace_seconds: float = 60.0  # a RayService rolled this recently may not be in the index yet
     default_store_secret: SecretKeyRef | None = None  # jobs' DSN Secret for policies without secretRef
     default_dsn: str | None = None  # the operator's own DSN for policies without secretRef
+    # Testing and benchmarks: the controller's clock runs this many times faster than real time (schedules,
+    # resync, backoff and grace periods shrink alike). kopf's own timing is not scaled.
+    time_scale: float = 1.0
 
 
 @dataclass
@@ -130,6 +134,7 @@ class _Entry:
     job_states: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     served_at: datetime | None = None  # when (the controller's clock) we last changed the RayService
     recheck: bool = False  # a serving check was put off for the grace period
+    status_written_at: datetime | None = None
     failures: int = 0
     last_error: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -154,11 +159,27 @@ def _parse_time(value: Any) -> datetime | None:
         return None
 
 
+def _without_age(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The status without the Fresh condition's message (it states an age, which changes all the time)."""
+    conditions = [
+        {k: v for k, v in c.items() if not (c.get("type") == ConditionType.FRESH.value and k == "message")}
+        for c in status.get("conditions") or []
+    ]
+    return {**status, "conditions": conditions}
+
+
 def _normalized_status(raw: Any) -> dict[str, Any] | None:
     try:
         return PolicyStatus.model_validate(dict(raw or {})).model_dump(mode="json", by_alias=True)
     except (ValidationError, TypeError, ValueError):
         return None
+
+
+def _scaled_clock(scale: float) -> Callable[[], datetime]:
+    if scale == 1.0:
+        return lambda: datetime.now(UTC)
+    start, t0 = datetime.now(UTC), time.monotonic()
+    return lambda: start + timedelta(seconds=(time.monotonic() - t0) * scale)
 
 
 def kube_api_client() -> Any:
@@ -293,7 +314,7 @@ class Controller:
         self.api_client = api_client
         self.backend = backend
         self.registry = registry
-        self.clock = clock or (lambda: datetime.now(UTC))
+        self.clock = clock or _scaled_clock(self.config.time_scale)
         self._entries: dict[Key, _Entry] = {}
         self._jobs_index: Any = None
         self._services_index: Any = None
@@ -567,7 +588,7 @@ class Controller:
         if entry.recheck:
             entry.recheck = False
             delay = min(delay, self.config.serve_grace_seconds + 1)
-        return max(MIN_DELAY, delay)
+        return max(MIN_DELAY, delay / self.config.time_scale)
 
     def _check_serving(
         self,
@@ -665,7 +686,19 @@ class Controller:
             entry.served_at = self.clock()
 
     def _write_status(self, key: Key, entry: _Entry, body: Mapping[str, Any], status: dict[str, Any]) -> None:
-        if _normalized_status(body.get("status")) == status:
+        current = _normalized_status(body.get("status"))
+        if current == status:
+            return
+        # The Fresh condition's message tells the evidence's age ("evidence is 3h old"), so it changes on every
+        # reconcile. Alone, such a change is written at most once an hour: an idle policy costs one write an
+        # hour, not one per resync. (Fresh turning False, or anything else changing, is written at once.)
+        now = self.clock()
+        if (
+            current is not None
+            and _without_age(current) == _without_age(status)
+            and entry.status_written_at is not None
+            and (now - entry.status_written_at).total_seconds() < AGE_MESSAGE_REFRESH_SECONDS
+        ):
             return
         from kubernetes.client.exceptions import ApiException
 
@@ -682,6 +715,7 @@ class Controller:
         except Exception as exc:
             raise BackendError(f"status patch: {type(exc).__name__}") from None
         with entry.lock:
+            entry.status_written_at = now
             entry.written = dict(answer)
             entry.written_rv = _rv(answer)
             entry.unordered_events = 0
@@ -692,7 +726,8 @@ class Controller:
         with entry.lock:
             entry.failures += 1
             n = entry.failures
-        return min(self.config.backoff_max_seconds, self.config.backoff_min_seconds * 2 ** min(n - 1, 20))
+        delay = min(self.config.backoff_max_seconds, self.config.backoff_min_seconds * 2 ** min(n - 1, 20))
+        return delay / self.config.time_scale
 
     def _failed(self, key: Key, entry: _Entry, cause: str, message: str) -> float:
         """A reconcile stopped half-way through its actions: nothing more is done, the status is not written
@@ -757,7 +792,9 @@ def _index_value(body: Mapping[str, Any], value: Any) -> dict[Key, Any] | None:
     return {key: value} if key is not None and value is not None else None
 
 
-def register(registry: kopf.OperatorRegistry, controller: Controller, *, peering: bool = False) -> kopf.OperatorRegistry:
+def register(
+    registry: kopf.OperatorRegistry, controller: Controller, *, peering: bool = False
+) -> kopf.OperatorRegistry:
     """Register the operator's handlers for `controller` on `registry` (a fresh one per operator or test).
 
     peering=True (several operators, kopf peering): policies are reconciled only while kopf runs a daemon for
@@ -809,8 +846,8 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, *, peering
     if peering:
 
         @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, id="recupdate_lease", cancellation_timeout=60.0)
-        async def lease(namespace: str, name: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
-            key = (namespace, name)
+        async def lease(namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
+            key = (namespace or "", name)
             controller.activate(key)
             try:
                 await stopped.wait()

@@ -78,6 +78,7 @@ class LocalRun:
         self.status_file = Path(args.status_file or self.workdir / f"{self.name}.status.json")
         self.stop = False
         self.timeline: list[dict[str, Any]] = []
+        self._last_line = ""
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -177,7 +178,8 @@ class LocalRun:
                # one OpenMP thread per job: jobs share the cores with Serve and PostgreSQL, and oversubscribed
                # OpenMP threads spin-wait (a LoRA fine-tune ran 20x slower with 2 threads under load)
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
-        backend = LocalBackend(self.store.dsn, self.workdir, env=env, port=self.args.port, clock=lambda: self.now)
+        backend = LocalBackend(self.store.dsn, self.workdir, env=env, port=self.args.port, clock=lambda: self.now,
+                               fail_runs=tuple(self.args.fail_run or ()))  # fmt: skip
         registry = Registry(None, StoreSettings(default_dsn=self.store.dsn))
         status: dict[str, Any] = {}
         if self.status_file.exists():
@@ -244,9 +246,14 @@ class LocalRun:
         nrf = s.next_refresh_at.strftime("%m-%d %H:%M") if s.next_refresh_at else "-"
         line = (f"\r{now:%Y-%m-%d %H:%M} active={s.active_release or '-'} ft={ft} rf={rf} staleness={fresh} "
                 f"next ft={nft} rf={nrf} probes={probe.requests} failed={probe.failures}")  # fmt: skip
-        if self.args.status_line:
-            sys.stdout.write(line[:200].ljust(200) if sys.stdout.isatty() else line[1:] + "\n")
-            sys.stdout.flush()
+        if not self.args.status_line:
+            return
+        if sys.stdout.isatty():
+            sys.stdout.write(line[:200].ljust(200))
+        elif line != self._last_line:  # a log, not a terminal: one line per change
+            sys.stdout.write(line[1:] + "\n")
+        self._last_line = line
+        sys.stdout.flush()
 
     # -- report --------------------------------------------------------------------------------------------
 
@@ -322,6 +329,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-requests", type=int, default=40, help="requests to /recommend per reconcile step")
     p.add_argument("--report-period", default="30d", help="bucket of the served hit-rate report")
     p.add_argument("--no-status-line", dest="status_line", action="store_false", help="no live status line")
+    p.add_argument("--fail-run", action="append", metavar="TEXT",
+                   help="chaos: runs whose id contains TEXT get unpassable gates (repeatable)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

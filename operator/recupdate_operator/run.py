@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Any
 
 DSN_ENV = "RECUPDATE_STORE_DSN"
 
@@ -66,6 +67,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="NAME[:KEY]",
         help="Secret (in each policy's namespace) with the DSN for jobs of policies without spec.store.secretRef",
     )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="K",
+        help="testing and benchmarks only: run the controller's clock K times faster (1)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log more (kopf's verbose mode)")
     p.add_argument("--debug", action="store_true", help="log everything (kopf's debug mode)")
 
@@ -94,9 +102,15 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             default_store_secret=secret,
             default_dsn=os.environ.get(DSN_ENV) or None,
+            time_scale=args.time_scale,
         )
     )
     registry = register(kopf.OperatorRegistry(), controller, peering=args.peering is not None)
+
+    @kopf.on.login(registry=registry, id="recupdate_login")
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # In a pod: its service account; elsewhere: $KUBECONFIG (read now) or ~/.kube/config.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
     namespaces = list(args.namespace)
     clusterwide = args.all_namespaces or not namespaces
     if not namespaces and not args.all_namespaces:

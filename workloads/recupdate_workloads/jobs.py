@@ -88,7 +88,7 @@ def ensure_base(store: Store, cfg: RunConfig, catalogue: Catalogue) -> str:
     lookup = evidence_mem.as_of(hist, len(catalogue), cfg.retrieval_window, max(cfg.retrieval_window // 4, 3600),
                                 cfg.top_successors, cfg.min_support)  # fmt: skip
     tmp = base.with_name("base.tmp")
-    bootstrap(catalogue, hist, lookup, tmp, size=cfg.model_size, max_examples=50_000)
+    bootstrap(catalogue, hist, lookup, tmp, size=cfg.model_size, max_examples=20_000)
     tmp.rename(base)  # atomic: a concurrent run never loads a half-written base
     return str(base)
 

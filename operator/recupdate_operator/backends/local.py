@@ -56,6 +56,8 @@ class LocalBackend:
         port: int = 8000,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         serve: bool = True,
+        command: Callable[[LaunchRun, Path], list[str]] | None = None,
+        fail_runs: tuple[str, ...] = (),
     ) -> None:
         self.dsn = dsn
         self.workdir = Path(workdir)
@@ -64,6 +66,10 @@ class LocalBackend:
         self.clock = clock
         self.serve = serve
         self.jobs: dict[str, _Job] = {}
+        self.command = command or self._entrypoint
+        # Fault injection for chaos tests and demos: runs whose id contains one of these get unpassable gates,
+        # so the controller must reject their release and keep serving the last good one.
+        self.fail_runs = fail_runs
         self._served: dict[str, Any] | None = None
 
     # -- jobs ----------------------------------------------------------------------------------------------
@@ -74,16 +80,24 @@ class LocalBackend:
         jobs_dir = self.workdir / "jobs"
         jobs_dir.mkdir(parents=True, exist_ok=True)
         cfg = jobs_dir / f"{launch.job_name}.json"
-        cfg.write_text(json.dumps(dict(launch.config), indent=2, default=str))
+        config = dict(launch.config)
+        if any(f in launch.run_id for f in self.fail_runs):
+            config["gates"] = {**(config.get("gates") or {}), "minExactMatch": 1.01}
+        cfg.write_text(json.dumps(config, indent=2, default=str))
         log = jobs_dir / f"{launch.job_name}.log"
-        cmd = [sys.executable, "-m", f"recupdate_workloads.{launch.kind.value}", "--config", str(cfg),
-               "--run-id", launch.run_id]  # fmt: skip
+        cmd = self.command(launch, cfg)
         env = {**os.environ, **self.env, DSN_ENV: self.dsn}
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.jobs[launch.job_name] = _Job(launch.job_name, launch.kind, launch.run_id, launch.generation, proc,
                                           self.clock(), log=log)  # fmt: skip
         return launch.job_name
+
+    @staticmethod
+    def _entrypoint(launch: LaunchRun, config: Path) -> list[str]:
+        """The same command a KubeRay RayJob runs (DESIGN.md section 4)."""
+        return [sys.executable, "-m", f"recupdate_workloads.{launch.kind.value}", "--config", str(config),
+                "--run-id", launch.run_id]  # fmt: skip
 
     def delete_job(self, policy: PolicyRef, name: str) -> None:
         job = self.jobs.pop(name, None)
