@@ -340,3 +340,18 @@ async def test_peering_one_operator_acts_at_a_time(make_world: MakeWorld) -> Non
     async with w.operator(peering=("recupdate", 10)):
         await w.wait(lambda: not w.policy("recs"))
     assert w.jobs() == [] and w.rayservice() is None
+
+
+async def test_an_idle_policy_costs_about_one_request_an_hour(make_world: MakeWorld) -> None:
+    w = await make_world()
+    async with w.operator(resync_seconds=600) as controller:
+        await _first_release(w)  # ~00:30; the next refresh is due at 00:00 tomorrow
+        await asyncio.sleep(600)
+        before, reconciles = len(w.cluster.api._requests), controller.reconciles
+        await asyncio.sleep(22 * 3600)
+        requests = [r for r in w.cluster.api._requests[before:] if "watch=true" not in str(r.url)]
+        assert controller.reconciles - reconciles >= 22 * 6 - 2  # resyncs every 10 minutes...
+        assert {str(r.url).split("?")[0].rsplit("/", 1)[-1] for r in requests} <= {"status"}
+        assert 20 <= len(requests) <= 24  # ...but the status is written only when the evidence age message is
+        fresh = w.condition("recs", "Fresh")  # an hour old
+        assert fresh["status"] == "True" and "old" in fresh["message"]

@@ -97,7 +97,7 @@ def build_strategies(names: list[str], args: argparse.Namespace, workdir: Path, 
         elif name == "popular":
             out.append(rp.PopularStrategy())
         else:
-            from recupdate_workloads import replay_llm
+            import recupdate_workloads.replay_llm as replay_llm
 
             out.append(replay_llm.build(name, args, workdir, store))
     return out

@@ -166,7 +166,6 @@ def build_snapshot(
     keep: int = 3,
 ) -> Snapshot:
     """Build evidence for a window aside, then publish it atomically and prune old snapshots."""
-    conn = store.conn
     with store.tx() as c:
         row = c.execute(
             "INSERT INTO snapshots (window_start, window_end, scoring, top_r, min_support, triples, state)"
@@ -189,8 +188,11 @@ def build_snapshot(
             c.execute(sql.SQL(_RANKED).format(ev=ev, now=cnow, prev=cprev), args)
             c.execute(sql.SQL(_PAIRS).format(pairs=pairs, ev=ev, vec=sql.SQL(_PAIR_VEC)))
             c.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (c1, c2)").format(pairs))
-        # The HNSW index is built outside any transaction on a table no reader can see yet.
-        conn.execute(sql.SQL("CREATE INDEX ON {} USING hnsw (embedding public.vector_cosine_ops)").format(pairs))
+        # The HNSW index is built on a table no reader can see yet, with room for the graph in memory
+        # (at the embedded server's 64 MB default, a 100k-pair build took 112 s against 25 s with 1 GB)
+        with store.tx() as c:
+            c.execute("SET LOCAL maintenance_work_mem = '1GB'")
+            c.execute(sql.SQL("CREATE INDEX ON {} USING hnsw (embedding public.vector_cosine_ops)").format(pairs))
         with store.tx() as c:
             c.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(params.ef_search)))
             c.execute(
@@ -324,15 +326,20 @@ def borrow_for(
 
 
 def nearest_pairs(store: Store, c1: int, c2: int, k: int = 10, ef_search: int = 40) -> list[tuple[int, int, float]]:
-    """The k donor pairs most similar to (c1, c2) in the current snapshot: (c1, c2, cosine similarity)."""
+    """The k donor pairs most similar to (c1, c2) in the current snapshot: (c1, c2, cosine similarity).
+
+    The query vector is a materialized scalar subquery: a joined CTE would make the planner scan every pair
+    (measured 344 ms against 1.1 ms at 100k pairs). The EXISTS guard returns nothing for unknown clusters."""
     with store.tx() as c:
         c.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search)))
         rows = c.execute(
             sql.SQL(
-                "WITH q AS (SELECT {vec} AS emb FROM clusters a, clusters b WHERE a.cluster = %s AND b.cluster = %s)"
-                " SELECT p.c1, p.c2, 1 - (p.embedding <=> q.emb) FROM {pp} p, q"
-                " WHERE (p.c1, p.c2) <> (%s, %s) ORDER BY p.embedding <=> q.emb LIMIT %s"
+                "WITH q AS MATERIALIZED (SELECT {vec} AS emb FROM clusters a, clusters b"
+                " WHERE a.cluster = %(c1)s AND b.cluster = %(c2)s)"
+                " SELECT p.c1, p.c2, 1 - (p.embedding <=> (SELECT emb FROM q)) FROM {pp} p"
+                " WHERE (p.c1, p.c2) <> (%(c1)s, %(c2)s) AND EXISTS (SELECT FROM q)"
+                " ORDER BY p.embedding <=> (SELECT emb FROM q) LIMIT %(k)s"
             ).format(vec=sql.SQL(_PAIR_VEC), pp=store.ident("evidence_pairs")),
-            (c1, c2, c1, c2, k),
+            {"c1": c1, "c2": c2, "k": k},
         ).fetchall()
     return [(int(a), int(b), float(s)) for a, b, s in rows]
