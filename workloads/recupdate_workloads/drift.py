@@ -101,5 +101,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'':<22} {'mean J':>7} {'var':>7} {'contexts':>9} {'pairs of periods':>17}")
     for label, s in (("consecutive periods", obs), ("shuffled (noise)", floor)):
         print(f"{label:<22} {s.mean:7.3f} {s.var:7.3f} {s.contexts:9d} {s.comparisons:17d}")
+    if obs.comparisons == 0:
+        print(
+            "no context has --min-support triples in two consecutive periods: use a longer --period or a lower --min-support"
+        )
+        return 1
     print(f"drift beyond noise: {floor.mean - obs.mean:+.3f} (shuffled minus observed mean Jaccard)")
     return 0

@@ -254,6 +254,10 @@ def replay(
             bar.update()
     bar.close()
     users = np.concatenate(eval_users)
+    for s in strategies:  # LLM strategies record the exact-match rate of their free generations
+        exact = getattr(s, "exact", None)
+        if exact:
+            extra[s.name]["exact_match"] = float(np.mean(exact))
     results = []
     for s in strategies:
         h1, h5 = np.concatenate(hits1[s.name]), np.concatenate(hits5[s.name])
@@ -284,7 +288,7 @@ def replay(
 
 def format_table(result: ReplayResult) -> str:
     """The side-by-side comparison printed on the terminal."""
-    head = f"{'strategy':<10} {'HR@1':>6} {'HR@5':>6} {'HR@5 users':>10} {'cover':>6}  {'ΔHR@5 vs static [95% CI]':<30} {'CPU s':>8} {'wall s':>7}"
+    head = f"{'strategy':<10} {'HR@1':>6} {'HR@5':>6} {'HR@5 users':>10} {'cover':>6}  {'ΔHR@5 vs static [95% CI]':<30} {'CPU s':>8} {'wall s':>7} {'exact':>6} {'train tok':>10}"
     lines = [
         f"replay of {result.data}: {len(result.periods)} periods, {result.eval_triples} triples, {result.eval_users} users",
         head,
@@ -300,6 +304,7 @@ def format_table(result: ReplayResult) -> str:
         )
         lines.append(
             f"{r.name:<10} {r.hr1:6.4f} {r.hr5:6.4f} {r.hr5_macro:10.4f} {r.coverage:6.2f}  {ci:<30} {r.cpu_seconds:8.1f} {r.wall_seconds:7.1f}"
+            f" {r.extra.get('exact_match', float('nan')):6.3f} {int(r.extra.get('training_tokens', 0)):>10}"
         )
     return "\n".join(lines)
 
