@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # In a pod: its service account; elsewhere: $KUBECONFIG (read now) or ~/.kube/config.
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
     namespaces = list(args.namespace)
     clusterwide = args.all_namespaces or not namespaces
     if not namespaces and not args.all_namespaces:
