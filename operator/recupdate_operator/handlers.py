@@ -29,9 +29,15 @@ operator must pause for a peer, so then a do-nothing daemon per policy gates the
 finalizer (kopf.recupdate.io/finalizer; kopf removes it when the daemon has stopped). Persistence settings use
 our own prefix.
 
-Errors: a store that cannot be read gives Degraded=True (RegistryUnavailable), no action at all, and retries
-with exponential backoff; a failing action stops the plan there, the status is not written, and the next try
-recomputes the same decisions (planner.py's contract). Messages are scrubbed of secrets (events.redact).
+Errors: a store that cannot be read gives Degraded=True (RegistryUnavailable), no action at all, and a retry
+with exponential backoff; a failing action (API or store) stops the plan there, the status keeps none of the
+plan's decisions and only turns Degraded=True (ReconcileFailed), and the retry recomputes the same decisions
+(planner.py's contract). Reconciles are not kopf handlers, so kopf.TemporaryError would mean nothing to them:
+the scheduler's backoff plays its part. A bad spec is the planner's to report (SpecValid=False and a Warning
+Event); nothing here raises on it. Messages are scrubbed of secrets (events.redact).
+
+Status writes: only when the status changes; a change of the Fresh message alone (it states the evidence's
+age) is written at most hourly, so an idle policy costs about one API request an hour.
 """
 
 from __future__ import annotations
@@ -730,8 +736,9 @@ class Controller:
         return delay / self.config.time_scale
 
     def _failed(self, key: Key, entry: _Entry, cause: str, message: str) -> float:
-        """A reconcile stopped half-way through its actions: nothing more is done, the status is not written
-        (the next try recomputes the same decisions), one Warning Event per distinct error."""
+        """A reconcile stopped half-way through its actions: nothing more is done, the status keeps its decisions
+        unwritten (the next try recomputes the same ones) and only says Degraded; one Warning Event per
+        distinct error; retry with backoff."""
         message = redact(message)
         metrics.RECONCILE_ERRORS.labels(cause).inc()
         delay = self._backoff(entry)
@@ -740,8 +747,12 @@ class Controller:
             repeated = entry.last_error == message
             entry.last_error = message
             body = entry.body
-        if not repeated and body is not None:
+        if body is None:
+            return delay
+        if not repeated:
             post(body, Event("Warning", "ReconcileFailed", message))
+        reason = "RegistryUnavailable" if cause == "store" else "ReconcileFailed"
+        self._write_conditions(key, entry, body, [(ConditionType.DEGRADED, ConditionStatus.TRUE, reason, message)])
         return delay
 
     def _store_unavailable(self, key: Key, entry: _Entry, body: Mapping[str, Any], p: Plan, error: str) -> float:
@@ -749,27 +760,39 @@ class Controller:
         of the status as it was, and retry with backoff."""
         error = redact(error)
         metrics.RECONCILE_ERRORS.labels("store").inc()
-        old = PolicyStatus.model_validate(body.get("status") or {}) if _normalized_status(body.get("status")) else None
-        conditions = list(old.conditions) if old else []
-        was = get_condition(conditions, ConditionType.DEGRADED)
+        was = get_condition(PolicyStatus.model_validate(_normalized_status(body.get("status")) or {}).conditions,
+                            ConditionType.DEGRADED)  # fmt: skip
+        updates = []
         for ctype in (ConditionType.READY, ConditionType.FRESH, ConditionType.DEGRADED):
             new = get_condition(p.status.conditions, ctype)
             if new is not None:
-                conditions = set_condition(
-                    conditions, ctype, new.status, new.reason, error if new.message else "", self.clock(),
-                    new.observed_generation,
-                )  # fmt: skip
-        patch = (old or PolicyStatus()).model_copy(update={"conditions": conditions})
-        status = patch.model_dump(mode="json", by_alias=True)
+                updates.append((ctype, new.status, new.reason, error if new.message else ""))
         if not (was and was.status == ConditionStatus.TRUE and was.reason == "RegistryUnavailable"):
             post(body, Event("Warning", "RegistryUnavailable", f"cannot read the release registry: {error}"))
         delay = self._backoff(entry)
         log.warning("%s/%s: registry unavailable, retrying in %.0fs: %s", key[0], key[1], delay, error)
+        self._write_conditions(key, entry, body, updates)
+        return delay
+
+    def _write_conditions(
+        self,
+        key: Key,
+        entry: _Entry,
+        body: Mapping[str, Any],
+        updates: list[tuple[ConditionType, ConditionStatus, str, str]],
+    ) -> None:
+        """Set some conditions, leaving the rest of the status as it is (best effort: a failure is logged)."""
+        raw = _normalized_status(body.get("status"))
+        old = PolicyStatus.model_validate(raw) if raw is not None else PolicyStatus()
+        conditions = list(old.conditions)
+        generation = (body.get("metadata") or {}).get("generation")
+        for ctype, status, reason, message in updates:
+            conditions = set_condition(conditions, ctype, status, reason, message, self.clock(), generation)
+        status_patch = old.model_copy(update={"conditions": conditions}).model_dump(mode="json", by_alias=True)
         try:
-            self._write_status(key, entry, body, status)
+            self._write_status(key, entry, body, status_patch)
         except BackendError as exc:
             log.warning("%s/%s: %s", key[0], key[1], exc)
-        return delay
 
 
 # ---------------------------------------------------------------------------------------------------------

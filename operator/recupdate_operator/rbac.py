@@ -37,6 +37,14 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule(GROUP, PLURAL, ("get", "list", "watch"), "namespaced", "watch policies; read one when the watch lags"),
     Rule(GROUP, f"{PLURAL}/status", ("patch",), "namespaced", "write the policy status"),
+    Rule(
+        GROUP,
+        PLURAL,
+        ("patch",),
+        "namespaced",
+        "kopf adds and removes its finalizer on policies (with --peering only; see handlers.py)",
+        kopf=True,
+    ),
     Rule("ray.io", "rayjobs", ("get", "list", "watch", "create", "delete"), "namespaced", "one RayJob per run"),
     Rule(
         "ray.io",
@@ -76,15 +84,23 @@ RULES: tuple[Rule, ...] = (
 
 #: Every (apiGroup, resource, verb) the operator uses.
 PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset((r.group, r.resource, v) for r in RULES for v in r.verbs)
+#: Those used by calls in our own code (each marked with an ``# rbac:`` comment).
+OWN_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
+    (r.group, r.resource, v) for r in RULES if not r.kopf for v in r.verbs
+)
 
 _MARK = re.compile(r"#\s*rbac:\s*(\"\"|[A-Za-z0-9.-]+)\s+([a-z0-9/]+)\s+([a-z]+)\b")
 
 
 def rules_by_scope() -> dict[str, list[dict[str, Any]]]:
-    """Kubernetes PolicyRules per scope (the chart's files/rbac-rules.yaml)."""
+    """Kubernetes PolicyRules per scope (the chart's files/rbac-rules.yaml); verbs of one resource merged."""
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in SCOPES}
     for r in RULES:
-        out[r.scope].append({"apiGroups": [r.group], "resources": [r.resource], "verbs": list(r.verbs)})
+        same = next((x for x in out[r.scope] if x["apiGroups"] == [r.group] and x["resources"] == [r.resource]), None)
+        if same is None:
+            out[r.scope].append({"apiGroups": [r.group], "resources": [r.resource], "verbs": list(r.verbs)})
+        else:
+            same["verbs"] += [v for v in r.verbs if v not in same["verbs"]]
     return out
 
 

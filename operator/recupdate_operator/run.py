@@ -25,6 +25,13 @@ def _secret_ref(text: str) -> tuple[str, str]:
     return name, key or "dsn"
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     scope = p.add_mutually_exclusive_group()
     scope.add_argument(
@@ -54,7 +61,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--priority", type=int, default=0, help="peering priority of this operator (0)")
     p.add_argument(
         "--resync",
-        type=float,
+        type=_positive,
         default=900.0,
         metavar="SECONDS",
         help="reconcile every policy at least this often, besides its schedule (900)",
@@ -69,7 +76,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--time-scale",
-        type=float,
+        type=_positive,
         default=1.0,
         metavar="K",
         help="testing and benchmarks only: run the controller's clock K times faster (1)",
@@ -88,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
     kopf.configure(verbose=args.verbose, debug=args.debug)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     log = logging.getLogger("recupdate.operator")
 
     if args.metrics_port:

@@ -176,8 +176,7 @@ def test_secret_reader(pg_dsn: str) -> None:
 
     from recupdate_operator.registry import SecretReader
 
-    reader = SecretReader.__new__(SecretReader)
-    reader.__init__(None)  # type: ignore[misc]
+    reader = SecretReader(None)
     reader.api = FakeCore()
     assert reader.get("ml", SecretKeyRef(name="store")) == pg_dsn
     assert reader.get("ml", SecretKeyRef(name="store")) == pg_dsn

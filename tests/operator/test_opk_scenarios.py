@@ -282,10 +282,19 @@ async def test_a_failed_action_stops_the_plan_and_is_retried(make_world: MakeWor
         events = await w.wait_events("ReconcileFailed")
         failed = [e for e in events if e["reason"] == "ReconcileFailed"]
         assert failed[0]["type"] == "Warning" and "500" in failed[0]["message"]
-        # The promotion was applied before the failure; the status was not written half-way.
+        # The promotion was applied before the failure; the status was not written half-way: it only says
+        # Degraded until a retry (with backoff) gets through.
         assert w.releases() == {FIRST: "active"}
         assert "servedRelease" not in w.status("recs")
-        await w.wait_condition("recs", "Ready", "True", "Serving")  # retried with backoff
+        await w.wait_condition("recs", "Ready", "True", "Serving")
+        history = w.cluster.history("recupdate.io", "v1alpha1", "recommenderupdatepolicies", "default", "recs")
+        degraded = [
+            c for v in history if v for c in (v.get("status") or {}).get("conditions", []) if c["type"] == "Degraded"
+        ]
+        assert any(
+            c["status"] == "True" and c["reason"] == "ReconcileFailed" and "500" in c["message"] for c in degraded
+        )
+        assert w.condition("recs", "Degraded")["status"] == "False"
         assert w.served_user_config()["release_id"] == FIRST  # type: ignore[index]
         await w.wait_events("ServeUpdated")
         assert len([e for e in w.events() if e["reason"] == "Promoted"]) == 1  # decided once
