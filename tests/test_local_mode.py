@@ -68,6 +68,17 @@ def _when(run_id: str) -> datetime:
     return datetime.strptime(re.search(r"-(\d{12})", run_id).group(1), "%Y%m%d%H%M").replace(tzinfo=UTC)  # type: ignore[union-attr]
 
 
+@pytest.fixture
+def stops_store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """`recupdate local` leaves its embedded PostgreSQL running on purpose (a rerun resumes); stop it after."""
+    yield
+    import pgserver
+
+    if (tmp_path / "w" / "pg").exists():
+        pgserver.get_server(str((tmp_path / "w" / "pg").absolute()), cleanup_mode="stop").cleanup()
+
+
+@pytest.mark.usefixtures("stops_store")
 def test_accelerated_run_schedules_promotes_rejects_serves_and_resumes(tmp_path: Path) -> None:
     first = _local(tmp_path, "40d", "--fail-run", "ft-20200715")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
