@@ -17,8 +17,6 @@ backend.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -106,22 +104,9 @@ def build_app(args: dict[str, Any]) -> Any:
 def ensure_local_ray(num_cpus: int = 2, temp_dir: str | None = None, log_to_driver: bool = False) -> bool:
     """Connect to Ray unless connected: RAY_ADDRESS when set, else a fresh local one sized for small machines
     (RECIPES.md "Ray on 2 cores"). Returns True when this call started it."""
-    import ray
+    from recupdate_workloads.train_loop import ensure_ray
 
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            object_store_memory=256 << 20,
-            _temp_dir=temp_dir or os.path.join(tempfile.gettempdir(), "recupdate-ray"),
-            log_to_driver=log_to_driver,
-        )
-    return True
+    return ensure_ray(num_cpus, temp_dir, log_to_driver)
 
 
 def _client() -> Any:

@@ -226,7 +226,7 @@ def default_ray_temp_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "recupdate-ray")
 
 
-def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> bool:
+def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None, log_to_driver: bool = True) -> bool:
     """Connect to Ray unless already connected: to the cluster in RAY_ADDRESS when set (production), else a
     fresh local one sized for small machines. Returns True when this call started the connection."""
     import ray
@@ -242,6 +242,7 @@ def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> bool
             include_dashboard=False,
             object_store_memory=256 << 20,
             _temp_dir=temp_dir or default_ray_temp_dir(),
+            log_to_driver=log_to_driver,
         )
     return True
 
