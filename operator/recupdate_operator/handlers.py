@@ -136,6 +136,7 @@ class _Entry:
     written: dict[str, Any] | None = None  # our last status write's answer, until the watch catches up
     written_rv: str | None = None
     unordered_events: int = 0  # events seen since our write that were not it (order unknown: GET)
+    events: int = 0  # watch events seen, to tell whether any raced with a status write
     reconciled_sig: tuple[Any, ...] | None = None
     job_states: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     served_at: datetime | None = None  # when (the controller's clock) we last changed the RayService
@@ -428,6 +429,7 @@ class Controller:
             metrics.POLICIES.set(len(self._entries))
         with entry.lock:
             entry.body = raw
+            entry.events += 1
             if entry.written_rv is not None and _rv(raw) != entry.written_rv:
                 entry.unordered_events += 1
             sig = _sig(raw)
@@ -708,6 +710,8 @@ class Controller:
             return
         from kubernetes.client.exceptions import ApiException
 
+        with entry.lock:
+            events_before = entry.events
         try:
             # rbac: recupdate.io recommenderupdatepolicies/status patch
             answer = self._custom.patch_namespaced_custom_object_status(
@@ -722,11 +726,13 @@ class Controller:
             raise BackendError(f"status patch: {type(exc).__name__}") from None
         with entry.lock:
             entry.status_written_at = now
-            entry.written = dict(answer)
-            entry.written_rv = _rv(answer)
-            entry.unordered_events = 0
-            if _rv(entry.body) == entry.written_rv:
-                entry.written, entry.written_rv = None, None
+            if _rv(entry.body) == _rv(answer):
+                entry.written, entry.written_rv, entry.unordered_events = None, None, 0  # the watch has caught up
+                return
+            entry.written, entry.written_rv = dict(answer), _rv(answer)
+            # Events that arrived while the patch was on its way may be newer than our write (someone else's
+            # change) or older: their order is unknown, so the next reconcile reads the object afresh.
+            entry.unordered_events = 1 if entry.events != events_before else 0
 
     def _backoff(self, entry: _Entry) -> float:
         with entry.lock:
