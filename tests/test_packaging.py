@@ -425,9 +425,10 @@ def test_rbac_py_lists_what_the_design_needs(required: set[manifests.Permission]
     have = {(p.group, p.resource, p.verb) for p in required}
     assert need <= have, sorted(need - have)
     assert any(p.resource == "events" and p.verb == "create" for p in required), "kopf posts events"
-    # The operator never writes a policy's spec (GitOps): no update/patch/delete on the main resource.
+    # The operator never writes a policy's spec (GitOps): no update/delete/create on the main resource. The one
+    # patch is kopf's, on metadata only: its finalizer on policies in peering mode (rbac.py says so).
     writes = {p.verb for p in required if p.resource == api.PLURAL} & {"update", "patch", "delete", "create"}
-    assert writes == set(), writes
+    assert writes <= {"patch"}, writes
 
 
 def test_rbac_scopes_agree_with_rbac_py() -> None:
