@@ -75,20 +75,19 @@ from .api import (
     PolicyStatus,
     SecretKeyRef,
 )
+from .apply import apply_plan
 from .backends.base import Backend, BackendError, PolicyRef, ServingStatus
 from .backends.kuberay import RAY_GROUP, RAY_VERSION, RAYJOBS, RAYSERVICES, KubeRayBackend, observed_job, owner_key
 from .backends.kuberay import serving_status_of as _serving_status_of
 from .conditions import get_condition, set_condition
 from .events import post, redact
 from .planner import (
-    DeleteJob,
     Event,
     LaunchRun,
     ObservedJob,
     Plan,
     Policy,
     Promote,
-    PruneReleases,
     RecordRun,
     RegistryView,
     Reject,
@@ -627,37 +626,26 @@ class Controller:
         backend, registry = self.backend, self.registry
         assert backend is not None and registry is not None
         finished: list[tuple[str, str, float | None]] = []
-        for action in p.actions:
-            if isinstance(action, Event):
-                post(body, action)
-                if action.reason == "InvalidSpec":
-                    metrics.RECONCILE_ERRORS.labels("spec").inc()
-                continue
-            assert ref is not None, f"{type(action).__name__} for an invalid spec"
-            if isinstance(action, LaunchRun):
-                backend.launch_run(ref, action)
-            elif isinstance(action, DeleteJob):
-                backend.delete_job(ref, action.name)
-            elif isinstance(action, RecordRun):
-                registry.record_run(ref, action, now)
+
+        def on_event(event: Event) -> None:
+            post(body, event)
+            if event.reason == "InvalidSpec":
+                metrics.RECONCILE_ERRORS.labels("spec").inc()
+
+        def on_action(action: Any) -> None:  # after each action succeeded: metrics and bookkeeping
+            if isinstance(action, RecordRun):
                 finished.append((action.kind.value, action.result.value, self._duration(p, action.run_id)))
             elif isinstance(action, Promote):
-                registry.activate(ref, action.release_id, now)
                 metrics.PROMOTIONS.labels(action.reason).inc()
             elif isinstance(action, Rollback):
-                registry.activate(ref, action.release_id, now)
                 metrics.PROMOTIONS.labels("Rollback").inc()
             elif isinstance(action, Reject):
-                registry.reject(ref, action.release_id, action.reasons)
                 metrics.REJECTIONS.inc()
             elif isinstance(action, RollServe):
-                backend.roll_serving(ref, action.user_config)
                 with entry.lock:
                     entry.served_at = self.clock()
-            elif isinstance(action, StopServe):
-                backend.stop_serving(ref)
-            elif isinstance(action, PruneReleases):
-                registry.prune(ref, action.release_ids)
+
+        apply_plan(p, ref, backend, registry, now, on_event, on_action)
         return finished
 
     @staticmethod
