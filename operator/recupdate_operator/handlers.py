@@ -125,6 +125,9 @@ class ControllerConfig:
     # Testing and benchmarks: the controller's clock runs this many times faster than real time (schedules,
     # resync, backoff and grace periods shrink alike). kopf's own timing is not scaled.
     time_scale: float = 1.0
+    # On shutdown, wait this long (real seconds) for reconciles in flight: one cut off mid-way could leave a
+    # registry transaction open, and a thread left running would outlive the operator's connections.
+    shutdown_grace_seconds: float = 30.0
 
 
 @dataclass
@@ -327,6 +330,9 @@ class Controller:
         self._scheduler: Scheduler | None = None
         self._scheduler_task: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._busy = 0  # reconciles running in threads, guarded by _idle
+        self._idle = threading.Condition()
+        self._owns_registry = registry is None
         self._custom: Any = None
         self._kopf_context: contextvars.Context | None = None
         # With peering, a policy is reconciled only while kopf runs its daemon (kopf stops daemons when this
@@ -347,7 +353,7 @@ class Controller:
         self._custom = client.CustomObjectsApi(self.api_client)
         if self.backend is None:
             self.backend = KubeRayBackend(self.api_client, default_secret=self.config.default_store_secret)
-        if self.registry is None:
+        if self.registry is None or self._owns_registry:
             self.registry = Registry(
                 SecretReader(self.api_client),
                 StoreSettings(default_dsn=self.config.default_dsn),
@@ -370,6 +376,11 @@ class Controller:
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+            # A real-time wait in a thread: the loop's clock may be simulated (tests).
+            if not await asyncio.to_thread(self._wait_idle, self.config.shutdown_grace_seconds):
+                log.warning("%d reconcile(s) still running at shutdown", self._busy)
+        if self._owns_registry and self.registry is not None:
+            self.registry.close()  # start() makes a fresh one
 
     @property
     def alive(self) -> bool:
@@ -379,7 +390,21 @@ class Controller:
         loop = asyncio.get_running_loop()
         # kopf's event queue lives in context variables that kopf sets for resource handlers only.
         ctx = self._kopf_context.copy() if self._kopf_context is not None else contextvars.copy_context()
-        return await loop.run_in_executor(self._executor, ctx.run, self.reconcile, key)
+        return await loop.run_in_executor(self._executor, ctx.run, self._tracked_reconcile, key)
+
+    def _tracked_reconcile(self, key: Key) -> float | None:
+        with self._idle:
+            self._busy += 1
+        try:
+            return self.reconcile(key)
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def _wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
 
     # -- watch feeds (event loop) --------------------------------------------------------------------------
 

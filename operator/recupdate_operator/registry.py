@@ -112,6 +112,7 @@ class _Pool:
         self.max_idle = max_idle
         self._idle: dict[str, list[psycopg.Connection]] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     @staticmethod
     def _key(dsn: str) -> str:
@@ -143,14 +144,16 @@ class _Pool:
             else:
                 with self._lock:
                     idle = self._idle.setdefault(key, [])
-                    if len(idle) < self.max_idle:
+                    if len(idle) < self.max_idle and not self._closed:
                         idle.append(conn)
                         conn = None
                 if conn is not None:
                     conn.close()
 
     def close(self) -> None:
+        """Close the idle connections; those in use are closed when they come back."""
         with self._lock:
+            self._closed = True
             conns = [c for idle in self._idle.values() for c in idle]
             self._idle.clear()
         for c in conns:

@@ -364,3 +364,22 @@ async def test_an_idle_policy_costs_about_one_request_an_hour(make_world: MakeWo
         assert 20 <= len(requests) <= 24  # ...but the status is written only when the evidence age message is
         fresh = w.condition("recs", "Fresh")  # an hour old
         assert fresh["status"] == "True" and "old" in fresh["message"]
+
+
+async def test_shutdown_leaves_no_store_connection_behind(make_world: MakeWorld) -> None:
+    """A stopped operator waits for its reconciles and closes its registry connections: a thread left running
+    once held locks that deadlocked a schema drop (CI)."""
+    w = await make_world()
+
+    def others() -> int:
+        row = w.conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchone()
+        return int(row[0]) if row else -1
+
+    before = others()
+    async with w.operator():
+        await _first_release(w)
+        assert others() > before  # the operator's pooled registry connections
+    assert others() == before
