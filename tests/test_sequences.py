@@ -1,5 +1,7 @@
 import numpy as np
+import pytest
 
+from recupdate_workloads import sequences
 from recupdate_workloads.data.types import Catalogue, Cluster, InteractionLog
 from recupdate_workloads.sequences import collapsed_sequences, period_edges, successor_counts, triples
 
@@ -62,3 +64,25 @@ def test_successor_counts_and_windows() -> None:
     assert (c1.tolist(), c2.tolist(), cn.tolist(), cnt.tolist()) == ([A], [B], [C], [3])
     assert len(t.window(20, 30)) == 1
     assert period_edges(0, 10, 4) == [0, 4, 8, 12]
+
+
+def test_sorted_and_shuffled_input_and_both_counting_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    n, k = 20_000, 12
+    user = rng.integers(0, 300, n)
+    ts = rng.integers(0, 50, n)  # many ties: broken by item id
+    item = rng.integers(0, 40, n)
+    weight = rng.choice([1.0, 4.0, 5.0], n).astype(np.float32)
+    item_cluster = rng.integers(0, k, 40).astype(np.int32)
+    cat = Catalogue([Cluster(i, f"c{i}") for i in range(k)])
+    order = np.lexsort((item, ts, user))
+    shuffled = InteractionLog(user, item, ts, weight, item_cluster, cat)
+    ordered = InteractionLog(user[order], item[order], ts[order], weight[order], item_cluster, cat)
+    a, b = triples(shuffled, 3.5), triples(ordered, 3.5)
+    assert len(a) > 1000
+    for f in ("user", "ts", "c1", "c2", "c_next"):
+        assert np.array_equal(getattr(a, f), getattr(b, f)), f
+    dense = successor_counts(a, k)
+    monkeypatch.setattr(sequences, "DENSE_COUNT_LIMIT", 0)  # the sorting path
+    for x, y in zip(dense, successor_counts(a, k), strict=True):
+        assert np.array_equal(x, y)

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from recupdate_workloads.data.synthetic import SyntheticSpec, SyntheticStream
-from recupdate_workloads.data.types import Catalogue, Cluster
+from recupdate_workloads.data.types import Catalogue, Cluster, InteractionLog
 from recupdate_workloads.sequences import triples
 from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store import evidence as ev
@@ -42,7 +42,9 @@ def test_copy_round_trip(store: Store) -> None:
     cat.save_catalogue(store, s.catalogue, s.item_cluster, embed=False)
     assert cat.append_interactions(store, log) == 30_000
     assert cat.count_interactions(store) == 30_000
-    chunks = list(cat.iter_interactions(store, None, None, s.item_cluster, s.catalogue, rows_per_chunk=5_000))
+    chunks = list(
+        cat.iter_interactions(store, None, None, s.item_cluster, s.catalogue, rows_per_chunk=5_000, users_per_block=100)
+    )
     assert sum(len(c) for c in chunks) == 30_000 and len(chunks) > 1
     # whole users per chunk, so triples from chunks equal triples from the whole log
     per_chunk = sum(len(triples(c, 3.5)) for c in chunks)
@@ -50,6 +52,24 @@ def test_copy_round_trip(store: Store) -> None:
     catalogue, item_cluster = cat.load_catalogue(store)
     assert [c.name for c in catalogue.clusters] == [c.name for c in s.catalogue.clusters]
     assert np.array_equal(item_cluster, s.item_cluster)
+
+
+def test_streamed_rows_are_the_window_in_user_time_item_order(store: Store) -> None:
+    s = SyntheticStream(SyntheticSpec(n_interactions=20_000, n_clusters=8))
+    log = s.generate()
+    log = InteractionLog(log.user - 700, log.item, log.ts, log.weight, log.item_cluster, log.catalogue)  # ids < 0 too
+    cat.save_catalogue(store, s.catalogue, s.item_cluster, embed=False)
+    cat.append_interactions(store, log)
+    lo, hi = int(np.quantile(log.ts, 0.2)), int(np.quantile(log.ts, 0.9))
+    chunks = list(cat.iter_interactions(store, lo, hi, s.item_cluster, s.catalogue, rows_per_chunk=3_000,
+                                        users_per_block=50))  # fmt: skip
+    got = {f: np.concatenate([getattr(c, f) for c in chunks]) for f in ("user", "item", "ts", "weight")}
+    m = (log.ts >= lo) & (log.ts < hi)
+    order = np.lexsort((log.item[m], log.ts[m], log.user[m]))
+    for f in ("user", "item", "ts", "weight"):
+        assert np.array_equal(got[f], getattr(log, f)[m][order]), f
+    firsts, lasts = [c.user[0] for c in chunks], [c.user[-1] for c in chunks]
+    assert len(chunks) > 2 and all(a < b for a, b in zip(lasts[:-1], firsts[1:], strict=True))  # whole users
 
 
 def test_evidence_frequency_and_trend(store: Store) -> None:
@@ -84,6 +104,35 @@ def test_neighbour_fallback(store: Store) -> None:
     assert near[0][:2] in {(0, 1), (3, 1)} and near[0][2] >= near[-1][2]
     borrowed = ev.borrow_for(store, [(2, 1)], ev.EvidenceParams(top_r=3, neighbours=2))
     assert borrowed[(2, 1)].borrowed and 2 not in [s.cluster for s in borrowed[(2, 1)].successors]
+
+
+def test_nearest_pairs_is_one_round_trip_and_agrees_with_the_transaction_path(store: Store) -> None:
+    _catalogue(store)
+    now = _counts([(0, 1, 2, 9), (3, 1, 5, 7), (4, 2, 0, 8), (2, 4, 1, 6), (1, 0, 3, 5)])
+    ev.build_snapshot(store, now, (0, 1), ev.EvidenceParams(top_r=3, min_support=5))
+    first = ev.nearest_pairs(store, 5, 1, k=3, ef_search=60)
+    statements: list[object] = []
+    execute = store.conn.execute
+
+    def counting(query: object, *args: object, **kwargs: object) -> object:
+        statements.append(query)
+        return execute(query, *args, **kwargs)  # type: ignore[arg-type]
+
+    store.conn.execute = counting  # type: ignore[method-assign]
+    try:
+        again = ev.nearest_pairs(store, 5, 1, k=3, ef_search=60)
+    finally:
+        del store.conn.execute
+    assert len(statements) == 1 and again == first  # ef_search already set on the session
+    assert store.conn.execute("SHOW hnsw.ef_search").fetchone() == ("60",)
+    store.conn.autocommit = False
+    try:
+        in_tx = ev.nearest_pairs(store, 5, 1, k=3, ef_search=60)
+        store.conn.commit()
+    finally:
+        store.conn.autocommit = True
+    assert in_tx == first and len(first) == 3
+    assert ev.nearest_pairs(store, 99, 1) == []  # an unknown cluster: nothing
 
 
 def test_snapshots_are_pruned(store: Store) -> None:

@@ -13,6 +13,8 @@ import numpy as np
 from recupdate_workloads.data.types import InteractionLog, Triples
 
 CONTEXT_LENGTH = 2
+#: successor_counts counts densely up to this many (c1, c2, c_next) keys (8 bytes each), else sorts.
+DENSE_COUNT_LIMIT = 1 << 24
 
 
 def collapsed_sequences(
@@ -29,13 +31,22 @@ def collapsed_sequences(
     """
     pos = weight >= threshold
     user, item, ts = user[pos], item[pos], ts[pos]
-    order = np.lexsort((item, ts, user))
-    user, item, ts = user[order], item[order], ts[order]
+    if not _is_sorted(user, ts, item):  # the store streams rows sorted: skip the sort (the costliest step)
+        order = np.lexsort((item, ts, user))
+        user, item, ts = user[order], item[order], ts[order]
     cluster = item_cluster[item].astype(np.int32, copy=False)
     keep = np.ones(len(user), dtype=bool)
     if len(user) > 1:
         keep[1:] = (user[1:] != user[:-1]) | (cluster[1:] != cluster[:-1])
     return user[keep], cluster[keep], ts[keep]
+
+
+def _is_sorted(user: np.ndarray, ts: np.ndarray, item: np.ndarray) -> bool:
+    """Whether the rows are ordered by (user, ts, item)."""
+    if len(user) < 2:
+        return True
+    du, dt, di = np.diff(user), np.diff(ts), np.diff(item)
+    return bool(np.all((du > 0) | ((du == 0) & ((dt > 0) | ((dt == 0) & (di >= 0))))))
 
 
 def triples_from_arrays(
@@ -77,7 +88,12 @@ def pair_key(c1: np.ndarray, c2: np.ndarray, n_clusters: int) -> np.ndarray:
 def successor_counts(t: Triples, n_clusters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Counts of (c1, c2, c_next) over the triples: returns (c1, c2, c_next, count), sorted by key."""
     key = pair_key(t.c1, t.c2, n_clusters) * n_clusters + t.c_next.astype(np.int64)
-    uniq, counts = np.unique(key, return_counts=True)
+    if n_clusters**3 <= DENSE_COUNT_LIMIT:  # a bincount over every key: no sort
+        dense = np.bincount(key, minlength=n_clusters**3)
+        uniq = np.flatnonzero(dense)
+        counts = dense[uniq]
+    else:
+        uniq, counts = np.unique(key, return_counts=True)
     pair, nxt = np.divmod(uniq, n_clusters)
     c1, c2 = np.divmod(pair, n_clusters)
     return c1.astype(np.int32), c2.astype(np.int32), nxt.astype(np.int32), counts.astype(np.int64)

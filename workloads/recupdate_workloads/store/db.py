@@ -127,9 +127,18 @@ class Store:
         self.schema = check_schema(schema)
         self.conn = conn
         self.server = server
+        self._session: dict[str, str] = {}  # settings SET on the session, to skip repeating them
 
     def tx(self) -> Any:
         return in_schema(self.conn, self.schema)
+
+    def set_session(self, name: str, value: object) -> None:
+        """SET a setting for the whole session, once: a hot single-statement path (autocommit) then costs one
+        round trip, not BEGIN + SET LOCAL + query + COMMIT."""
+        text = str(value)
+        if self._session.get(name) != text:
+            self.conn.execute(sql.SQL("SELECT set_config({}, {}, false)").format(sql.Literal(name), sql.Literal(text)))
+            self._session[name] = text
 
     def ident(self, name: str) -> sql.Composable:
         """A schema-qualified identifier for a versioned table such as evidence_s12."""
