@@ -12,7 +12,7 @@ from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store import evidence as ev
 from recupdate_workloads.store import registry as reg
 from recupdate_workloads.store import tables
-from recupdate_workloads.store.db import Store, migrate
+from recupdate_workloads.store.db import Store, connect, migrate
 
 
 def _counts(rows: list[tuple[int, int, int, int]]) -> ev.Counts:
@@ -156,6 +156,8 @@ def test_atomic_publication_under_concurrent_reader(store: Store, pg_dsn: str) -
     seen: list[tuple[int, int]] = []
     errors: list[BaseException] = []
 
+    reader_store = Store(dsn=pg_dsn, schema=store.schema, conn=connect(pg_dsn))
+
     def reader() -> None:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             while not stop.is_set():
@@ -169,8 +171,14 @@ def test_atomic_publication_under_concurrent_reader(store: Store, pg_dsn: str) -
                         seen.append((row[1], row[2]))
                         if row[0] != n_pairs:
                             raise AssertionError(f"partial snapshot: {row[0]} pairs")
-                except psycopg.errors.UndefinedTable:
-                    pass  # before the first publication
+                        near = reader_store.conn.execute(
+                            f'SELECT count(*) FROM "{store.schema}".evidence_pairs'
+                        ).fetchone()  # the other view, swapped in the same transaction
+                        assert near is not None and near[0] == n_pairs, near
+                        assert len(ev.nearest_pairs(reader_store, 0, 1, k=3)) == 3
+                except psycopg.errors.UndefinedTable as exc:
+                    if seen:  # only before the first publication; never while views are swapped
+                        errors.append(exc)
                 except BaseException as exc:
                     errors.append(exc)
 
@@ -185,6 +193,7 @@ def test_atomic_publication_under_concurrent_reader(store: Store, pg_dsn: str) -
     finally:
         stop.set()
         t.join()
+        reader_store.close()
     assert not errors, errors[:3]
     assert len(seen) > 10
     assert all(lo == hi for lo, hi in seen)  # every row of one read came from one snapshot
