@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,32 @@ def test_replay_cli_writes_table_json_and_plot(tmp_path: Path, capsys) -> None: 
     data = json.loads((out / "results.json").read_text())
     assert [s["name"] for s in data["strategies"]] == ["static", "counts", "popular"]
     assert (out / "hr5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _SharesWork(rp.PopularStrategy):
+    """Popular, plus one piece of shared work on its first update (as the LLM strategies' bootstrap)."""
+
+    def __init__(self, name: str, shared: list[bool]) -> None:
+        super().__init__()
+        self.name, self.shared = name, shared
+
+    def update(self, ctx: rp.UpdateContext) -> None:
+        super().update(ctx)
+        if not self.shared:
+            self.shared.append(True)
+            t0 = time.perf_counter()
+            time.sleep(0.3)
+            ctx.shared_cost["wall_seconds"] = time.perf_counter() - t0
+
+
+def test_shared_work_is_reported_apart_not_charged_to_the_first_strategy() -> None:
+    s = SyntheticStream(SyntheticSpec(n_interactions=5_000, n_clusters=8, days=270, period_days=90, seed=2))
+    config = rp.ReplayConfig(period=90 * DAY, window=90 * DAY, train_periods=1, bootstrap=50)
+    t = triples(s.generate(), 3.5)
+    flag: list[bool] = []
+    result = rp.replay(t, s.catalogue, [_SharesWork("a", flag), _SharesWork("b", flag)], config,
+                       lambda start, end: {}, progress=False)  # fmt: skip
+    a, b = result.strategies
+    assert result.shared_cost["wall_seconds"] >= 0.3
+    assert a.wall_seconds < 0.2 and b.wall_seconds < 0.2  # the 0.3 s sleep is in neither row
+    assert "bootstrap" in rp.format_table(result)

@@ -51,6 +51,9 @@ class UpdateContext:
     config: ReplayConfig
     evidence: Callable[[int, int], dict[tuple[int, int], PairEvidence]]  # (start, end) -> snapshot (cached)
     extra_cost: dict[str, float] = field(default_factory=dict)  # work done outside this process (Ray workers)
+    # Work done inside update() that several strategies share (the LLMs' bootstrapped base): reported on its
+    # own, not charged to whichever strategy happened to build it first.
+    shared_cost: dict[str, float] = field(default_factory=dict)
 
 
 class Strategy(Protocol):
@@ -179,6 +182,7 @@ class ReplayResult:
     eval_triples: int
     eval_users: int
     strategies: list[StrategyResult]
+    shared_cost: dict[str, float] = field(default_factory=dict)  # cpu_seconds, wall_seconds of shared work
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,6 +233,7 @@ def replay(
     recommended: dict[str, set[int]] = {s.name: set() for s in strategies}
     cost = {s.name: [0.0, 0.0] for s in strategies}
     extra: dict[str, dict[str, float]] = {s.name: {} for s in strategies}
+    shared: dict[str, float] = {}
     eval_users, periods = [], []
     bar = tqdm(total=len(boundaries) * len(strategies), desc="replay", unit="update", disable=not progress)
     for p, boundary in enumerate(boundaries):
@@ -242,8 +247,10 @@ def replay(
             ctx = UpdateContext(p, boundary, history, catalogue, config, evidence)
             c0, w0 = time.process_time(), time.perf_counter()
             s.update(ctx)
-            cost[s.name][0] += time.process_time() - c0
-            cost[s.name][1] += time.perf_counter() - w0
+            cost[s.name][0] += time.process_time() - c0 - ctx.shared_cost.get("cpu_seconds", 0.0)
+            cost[s.name][1] += time.perf_counter() - w0 - ctx.shared_cost.get("wall_seconds", 0.0)
+            for k, v in ctx.shared_cost.items():
+                shared[k] = shared.get(k, 0.0) + v
             for k, v in ctx.extra_cost.items():
                 extra[s.name][k] = extra[s.name].get(k, 0.0) + v
             pred = s.predict(test.c1, test.c2, TOP_N) if len(test) else np.zeros((0, TOP_N), np.int32)
@@ -283,7 +290,7 @@ def replay(
                 users, h1, base1, config.bootstrap, config.seed
             )
         results.append(r)
-    return ReplayResult(data_name, periods, len(users), len(np.unique(users)), results)
+    return ReplayResult(data_name, periods, len(users), len(np.unique(users)), results, shared)
 
 
 def format_table(result: ReplayResult) -> str:
@@ -305,6 +312,11 @@ def format_table(result: ReplayResult) -> str:
         lines.append(
             f"{r.name:<10} {r.hr1:6.4f} {r.hr5:6.4f} {r.hr5_macro:10.4f} {r.coverage:6.2f}  {ci:<30} {r.cpu_seconds:8.1f} {r.wall_seconds:7.1f}"
             f" {r.extra.get('exact_match', float('nan')):6.3f} {int(r.extra.get('training_tokens', 0)):>10}"
+        )
+    if result.shared_cost:
+        lines.append(
+            f"shared by the LLM strategies, not in their rows: the base model's bootstrap, "
+            f"{result.shared_cost.get('cpu_seconds', 0.0):.1f} CPU s, {result.shared_cost.get('wall_seconds', 0.0):.1f} wall s"
         )
     return "\n".join(lines)
 

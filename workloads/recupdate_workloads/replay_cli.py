@@ -31,6 +31,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="ray", choices=["ray", "inline"], help="where LLM fine-tunes run")
     p.add_argument("--model-size", default="small", help="bootstrap model size (LLM strategies)")
     p.add_argument("--epochs", type=float, default=None, help="LoRA epochs per fine-tune (LLM strategies)")
+    p.add_argument(
+        "--bootstrap-epochs",
+        type=int,
+        default=None,
+        help="epochs of the base model's bootstrap (LLM strategies; default 8)",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the CIs")
     p.add_argument("--out", default="out/replay", help="directory for results.json and hr5.png")
     p.add_argument("--store-dir", default=None, help="embedded PostgreSQL data dir (default: a temp dir)")
