@@ -72,6 +72,20 @@ def test_streamed_rows_are_the_window_in_user_time_item_order(store: Store) -> N
     assert len(chunks) > 2 and all(a < b for a, b in zip(lasts[:-1], firsts[1:], strict=True))  # whole users
 
 
+def test_block_size_follows_history_length(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = SyntheticStream(SyntheticSpec(n_interactions=20_000, n_clusters=8))
+    log = s.generate()
+    cat.save_catalogue(store, s.catalogue, s.item_cluster, embed=False)
+    cat.append_interactions(store, log)
+    assert cat.block_size(store) == cat.USERS_PER_BLOCK  # no statistics yet
+    store.conn.execute(f'ANALYZE "{store.schema}".interactions')
+    per_user = len(log) / len(np.unique(log.user))
+    monkeypatch.setattr(cat, "ROWS_PER_BLOCK", int(per_user * 40))  # as if users had 25x longer histories
+    assert 20 <= cat.block_size(store) <= 80  # about 40 users per block (n_distinct is an estimate)
+    chunks = list(cat.iter_interactions(store, None, None, s.item_cluster, s.catalogue, rows_per_chunk=1))
+    assert sum(len(c) for c in chunks) == len(log) and len(chunks) > 5  # one chunk per block here
+
+
 def test_evidence_frequency_and_trend(store: Store) -> None:
     _catalogue(store)
     now = _counts([(0, 1, 2, 6), (0, 1, 3, 3), (0, 1, 4, 1), (2, 3, 4, 1)])

@@ -65,8 +65,29 @@ def append_interactions(store: Store, log: InteractionLog) -> int:
 
 #: Records of (user, item, ts, weight) as PostgreSQL's int8send/float4send write them: 28 bytes, big-endian.
 _REC = np.dtype([("user", ">i8"), ("item", ">i8"), ("ts", ">i8"), ("weight", ">f4")])
-#: Users packed into one message by iter_interactions.
+#: At most this many user ids per message of iter_interactions (fewer when users have long histories)...
 USERS_PER_BLOCK = 1000
+#: ...so that a message holds about this many rows (28 MB), far below PostgreSQL's 1 GB cap on one bytea.
+ROWS_PER_BLOCK = 1_000_000
+
+
+def block_size(store: Store) -> int:
+    """User ids per packed block: USERS_PER_BLOCK, or fewer where the planner's statistics (reltuples and
+    n_distinct of user_id, from ANALYZE or autovacuum) say users hold more than ROWS_PER_BLOCK / USERS_PER_BLOCK
+    interactions each. Without statistics, USERS_PER_BLOCK."""
+    with store.tx() as conn:
+        row = conn.execute(
+            "SELECT c.reltuples, s.n_distinct FROM pg_class c LEFT JOIN pg_stats s"
+            " ON s.schemaname = %s AND s.tablename = 'interactions' AND s.attname = 'user_id'"
+            " WHERE c.oid = 'interactions'::regclass",
+            (store.schema,),
+        ).fetchone()
+    if row is None or row[0] is None or row[1] is None or row[0] <= 0 or row[1] == 0:
+        return USERS_PER_BLOCK
+    rows, distinct = float(row[0]), float(row[1])
+    users = -distinct * rows if distinct < 0 else distinct  # negative: a fraction of the rows
+    per_user = rows / max(users, 1.0)
+    return max(1, min(USERS_PER_BLOCK, int(ROWS_PER_BLOCK / per_user)))
 
 
 def iter_interactions(
@@ -76,11 +97,13 @@ def iter_interactions(
     item_cluster: np.ndarray,
     catalogue: Catalogue,
     rows_per_chunk: int = 1_000_000,
-    users_per_block: int = USERS_PER_BLOCK,
+    users_per_block: int | None = None,
 ) -> Iterator[InteractionLog]:
     """Stream interactions with start <= ts < end, ordered by user then time (ties by item), in chunks of whole
     users (a user's history never straddles two chunks), so refreshes never hold the whole log in Python.
-    A chunk is whole blocks of `users_per_block` users, with at least `rows_per_chunk` rows but in the last.
+    A chunk is whole blocks of `users_per_block` user ids (default: block_size(store)), with at least
+    `rows_per_chunk` rows but in the last. A single user with more than ~38M rows in the window would exceed
+    PostgreSQL's 1 GB limit on one value.
 
     PostgreSQL packs each block of users into one bytea of fixed records (string_agg, ordered), which numpy
     reads in place: a row-by-row COPY TO STDOUT sends one protocol message per row, and handling those in
@@ -93,7 +116,8 @@ def iter_interactions(
         cond.append("ts < %s")
         params.append(end)
     where = ("WHERE " + " AND ".join(cond)) if cond else ""
-    block = int(users_per_block)  # user_id / block truncates toward zero: monotone, so blocks keep user order
+    # user_id / block truncates toward zero: monotone, so blocks keep user order
+    block = int(users_per_block) if users_per_block else block_size(store)
     query = (
         "SELECT string_agg(int8send(user_id) || int8send(item_id) || int8send(ts) || float4send(weight),"
         f" ''::bytea ORDER BY user_id, ts, item_id) FROM interactions {where}"
