@@ -106,3 +106,18 @@ def test_shared_work_is_reported_apart_not_charged_to_the_first_strategy() -> No
     assert result.shared_cost["wall_seconds"] >= 0.3
     assert a.wall_seconds < 0.2 and b.wall_seconds < 0.2  # the 0.3 s sleep is in neither row
     assert "bootstrap" in rp.format_table(result)
+
+
+def test_replay_cli_runs_the_llm_strategies_with_their_shared_base(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["replay", "--interactions", "5000", "--strategies", "static,rag,hybrid", "--finetune-every", "2",
+            "--executor", "inline", "--model-size", "tiny", "--bootstrap-epochs", "1", "--epochs", "1",
+            "--bootstrap", "50", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    rows = {s["name"]: s for s in data["strategies"]}
+    assert data["shared_cost"]["cpu_seconds"] > 0  # the base was bootstrapped once, and reported apart
+    assert rows["rag"]["extra"]["finetunes"] == 1.0  # rag: one adapter, evidence refreshed every period
+    assert rows["rag"]["extra"]["refreshes"] == len(data["periods"])
+    assert rows["hybrid"]["extra"]["finetunes"] > 1.0
+    assert rows["hybrid"]["extra"]["training_tokens"] > rows["rag"]["extra"]["training_tokens"] > 0

@@ -31,7 +31,6 @@ class _Shared:
         self.dir = workdir / "base"
         self.size = size
         self.epochs = epochs
-        self.cost: dict[str, float] = {}
 
     def base(self, ctx: UpdateContext) -> str:
         if not (self.dir / "config.json").exists():
@@ -42,10 +41,8 @@ class _Shared:
             lookup = evidence_mem.as_of(hist, len(ctx.catalogue), ctx.config.window, ctx.config.period,
                                         ctx.config.top_r, ctx.config.min_support)  # fmt: skip
             bootstrap(ctx.catalogue, hist, lookup, self.dir, size=self.size, max_examples=40_000, epochs=self.epochs)
-            cost = {"cpu_seconds": time.process_time() - c0, "wall_seconds": time.perf_counter() - w0}
-            self.cost = cost
-            for k, v in cost.items():
-                ctx.shared_cost[k] = ctx.shared_cost.get(k, 0.0) + v
+            ctx.shared_cost["cpu_seconds"] = time.process_time() - c0
+            ctx.shared_cost["wall_seconds"] = time.perf_counter() - w0
         return str(self.dir)
 
 
