@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 
 from recupdate_workloads.data.synthetic import SyntheticSpec, SyntheticStream
-from recupdate_workloads.sequences import triples
+from recupdate_workloads.sequences import triples, triples_from_arrays
 from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store import evidence as ev
 from recupdate_workloads.store.db import Store, connect
@@ -135,10 +135,12 @@ def previous_iter_interactions(store: Store, start: int, end: int, item_cluster,
 
 
 def previous_counts(chunk, threshold: float, start: int, end: int, k: int) -> ev.Counts:
-    t = triples(chunk, threshold).window(start, end)
-    o = np.lexsort((t.c_next, t.ts, t.user))  # what collapsed_sequences always did: a sort per chunk
-    key = (t.c1[o].astype(np.int64) * k + t.c2[o]) * k + t.c_next[o]
-    uniq, cnt = np.unique(key, return_counts=True)
+    pos = chunk.weight >= threshold
+    u, it, ts, w = chunk.user[pos], chunk.item[pos], chunk.ts[pos], chunk.weight[pos]
+    o = np.lexsort((it, ts, u))  # the sort collapsed_sequences always did (it now skips it for sorted input)
+    t = triples_from_arrays(u[o], it[o], ts[o], w[o], chunk.item_cluster, threshold).window(start, end)
+    key = (t.c1.astype(np.int64) * k + t.c2) * k + t.c_next
+    uniq, cnt = np.unique(key, return_counts=True)  # successor_counts before its dense bincount
     pair, cn = np.divmod(uniq, k)
     c1, c2 = np.divmod(pair, k)
     return ev.Counts(c1.astype(np.int32), c2.astype(np.int32), cn.astype(np.int32), cnt.astype(np.int64), len(t))

@@ -46,7 +46,7 @@ from recupdate_workloads.store.db import Store
 # The SELECT of evidence.nearest_pairs, unqualified (run under a search_path): for the per-call transaction,
 # the exact baseline, EXPLAIN and the server-side timings.
 SELECT_SQL = (
-    "WITH q AS MATERIALIZED (SELECT ({vec})::public.halfvec(384) AS emb FROM clusters a, clusters b"
+    "WITH q AS MATERIALIZED (SELECT {vec} AS emb FROM clusters a, clusters b"
     " WHERE a.cluster = %(c1)s AND b.cluster = %(c2)s)"
     " SELECT p.c1, p.c2, 1 - (p.embedding <=> (SELECT emb FROM q)) FROM {pp} p"
     " WHERE (p.c1, p.c2) <> (%(c1)s, %(c2)s) AND EXISTS (SELECT FROM q)"

@@ -15,7 +15,10 @@ from k8s.fixtures import (  # noqa: F401  (pytest fixtures, used by name)
     kubectl_sync,
 )
 
-pytest_plugins = ["fixtures.store"]  # pg_dsn (one embedded PostgreSQL per session), store (a fresh schema)
+pytest_plugins = [
+    "fixtures.store",  # pg_dsn (one embedded PostgreSQL per session), store (a fresh schema)
+    "fixtures.torch_threads",  # one_torch_thread
+]
 
 # One torch/OpenMP thread per process: tests share 2 cores with PostgreSQL and Ray, and oversubscribed
 # OpenMP threads spin-wait (measured: a LoRA test took 196 s with 2 threads under load, 8 s with 1).

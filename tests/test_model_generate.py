@@ -25,13 +25,7 @@ from recupdate_workloads.model.toy import hit_rate, toy_catalogue, toy_evidence,
 CAT = toy_catalogue(8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a busy shared box two spinning OpenMP threads run many times slower."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from recupdate_workloads.model.bootstrap import bootstrap, load_base
 from recupdate_workloads.model.examples import Examples, build_examples
@@ -20,13 +19,7 @@ CAT = toy_catalogue(8)
 OLD, NEW = rule_shift(1), rule_shift(3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a busy shared box two spinning OpenMP threads run many times slower."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -353,7 +353,7 @@ class Controller:
         self._custom = client.CustomObjectsApi(self.api_client)
         if self.backend is None:
             self.backend = KubeRayBackend(self.api_client, default_secret=self.config.default_store_secret)
-        if self.registry is None or self._owns_registry:
+        if self._owns_registry:  # a fresh one per start: stop() closes it
             self.registry = Registry(
                 SecretReader(self.api_client),
                 StoreSettings(default_dsn=self.config.default_dsn),
@@ -380,7 +380,7 @@ class Controller:
             if not await asyncio.to_thread(self._wait_idle, self.config.shutdown_grace_seconds):
                 log.warning("%d reconcile(s) still running at shutdown", self._busy)
         if self._owns_registry and self.registry is not None:
-            self.registry.close()  # start() makes a fresh one
+            self.registry.close()
 
     @property
     def alive(self) -> bool:

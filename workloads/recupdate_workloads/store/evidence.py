@@ -96,10 +96,10 @@ def _copy_counts(store: Store, table: sql.Composable, counts: Counts) -> None:
                 cp.write_row(row)
 
 
-_PAIR_VEC = "public.l2_normalize(a.embedding + b.embedding + b.embedding)"  # the newest cluster weighs double
-# Pair vectors are stored and searched at half precision: against float32 at 102k pairs, the HNSW index is 114
-# against 202 MiB (it fits in the embedded server's shared_buffers), builds in 16 against 22 s, and answers at p99
-# 0.95 against 2.4 ms with the same recall@10 (0.999).
+# The vector of pair (a, b): the newest cluster b weighs double. Pair vectors are stored and searched at half
+# precision: at 102k pairs the HNSW index is 116 against 202 MiB for float32 (it fits in the embedded server's
+# shared_buffers) and answers twice as fast at the same recall (benchmarks/README.md, "Neighbour queries").
+_PAIR_VEC = "public.l2_normalize(a.embedding + b.embedding + b.embedding)::public.halfvec(384)"
 
 _RANKED = """
 CREATE TABLE {ev} AS
@@ -123,7 +123,7 @@ FROM ranked WHERE rank <= %(top_r)s
 
 _PAIRS = """
 CREATE TABLE {pairs} AS
-SELECT e.c1, e.c2, e.support, ({vec})::public.halfvec(384) AS embedding
+SELECT e.c1, e.c2, e.support, {vec} AS embedding
 FROM (SELECT DISTINCT c1, c2, support FROM {ev}) e
 JOIN clusters a ON a.cluster = e.c1 JOIN clusters b ON b.cluster = e.c2
 """
@@ -132,7 +132,7 @@ JOIN clusters a ON a.cluster = e.c1 JOIN clusters b ON b.cluster = e.c2
 # successor shares weighted by cosine similarity, never suggesting the query's own clusters.
 _BORROW = """
 WITH q AS (
-    SELECT q.c1, q.c2, q.support, ({vec})::public.halfvec(384) AS emb
+    SELECT q.c1, q.c2, q.support, {vec} AS emb
     FROM {q} q JOIN clusters a ON a.cluster = q.c1 JOIN clusters b ON b.cluster = q.c2
 ), nb AS (
     SELECT q.c1, q.c2, q.support, n.c1 AS d1, n.c2 AS d2, greatest(1 - (n.embedding <=> q.emb), 0) AS sim
@@ -336,7 +336,7 @@ def borrow_for(
 def _nearest_query(schema: str) -> sql.Composed:
     """nearest_pairs' SELECT, composed once per schema (it runs on a hot path)."""
     return sql.SQL(
-        "WITH q AS MATERIALIZED (SELECT ({vec})::public.halfvec(384) AS emb FROM {cl} a, {cl} b"
+        "WITH q AS MATERIALIZED (SELECT {vec} AS emb FROM {cl} a, {cl} b"
         " WHERE a.cluster = %(c1)s AND b.cluster = %(c2)s)"
         " SELECT p.c1, p.c2, 1 - (p.embedding OPERATOR(public.<=>) (SELECT emb FROM q)) FROM {pp} p"
         " WHERE (p.c1, p.c2) <> (%(c1)s, %(c2)s) AND EXISTS (SELECT FROM q)"
