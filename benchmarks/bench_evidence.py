@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 
+from recupdate_workloads.data.sequences import triples, triples_from_arrays
 from recupdate_workloads.data.synthetic import SyntheticSpec, SyntheticStream
-from recupdate_workloads.sequences import triples, triples_from_arrays
 from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store import evidence as ev
 from recupdate_workloads.store.db import Store, connect
@@ -81,9 +81,18 @@ def counts_digest(c: ev.Counts) -> str:
 # server-side, skips the sort for rows that arrive sorted, and counts with a dense bincount.
 
 _ROW = np.dtype(
-    [("n", ">i2"), ("l1", ">i4"), ("user", ">i8"), ("l2", ">i4"), ("item", ">i8"), ("l3", ">i4"), ("ts", ">i8"),
-     ("l4", ">i4"), ("weight", ">f4")]
-)  # fmt: skip
+    [
+        ("n", ">i2"),
+        ("l1", ">i4"),
+        ("user", ">i8"),
+        ("l2", ">i4"),
+        ("item", ">i8"),
+        ("l3", ">i4"),
+        ("ts", ">i8"),
+        ("l4", ">i4"),
+        ("weight", ">f4"),
+    ]
+)
 _HEADER = 19  # PGCOPY signature (11) + flags (4) + header extension length (4)
 
 

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     from recupdate_workloads.model.prompt import render
     from recupdate_workloads.model.toy import hit_rate, rule_a, rule_shift, toy_catalogue, toy_evidence, toy_triples
-    from recupdate_workloads.train_loop import ensure_ray, load_adapter, run_inline, run_ray
+    from recupdate_workloads.model.train_loop import ensure_ray, load_adapter, run_inline, run_ray
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="recupdate-bench-ft-")).absolute()
@@ -202,23 +202,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rank_out[name] = {"prompts": n, "seconds": best, "prompts_per_s": n / best}
         return res
 
-    ids, _ = timed("likelihood_top5", len(prompts), lambda n: rank_clusters(
-        model, tok, cat, prompts[:n], top_n=5, batch_size=args.rank_batch_size))  # fmt: skip
+    ids, _ = timed(
+        "likelihood_top5",
+        len(prompts),
+        lambda n: rank_clusters(model, tok, cat, prompts[:n], top_n=5, batch_size=args.rank_batch_size),
+    )
     rank_out["likelihood_top5"].update(hr1=hit_rate(ids, test.c_next, 1), hr5=hit_rate(ids, test.c_next, 5))
-    _, gen = timed("greedy", len(prompts), lambda n: generate_names(
-        model, tok, cat, prompts[:n], batch_size=args.rank_batch_size))  # fmt: skip
+    _, gen = timed(
+        "greedy", len(prompts), lambda n: generate_names(model, tok, cat, prompts[:n], batch_size=args.rank_batch_size)
+    )
     rank_out["greedy"].update(exact_match=exact_match_rate(gen), hr1=float(np.mean(gen == test.c_next[: len(gen)])))
     nb = min(args.beam_prompts, len(prompts))
-    beams = timed("beam5", nb, lambda n: beam_clusters(
-        model, tok, cat, prompts[:n], num_beams=5, batch_size=max(1, args.rank_batch_size // 5)))  # fmt: skip
+    beams = timed(
+        "beam5",
+        nb,
+        lambda n: beam_clusters(
+            model, tok, cat, prompts[:n], num_beams=5, batch_size=max(1, args.rank_batch_size // 5)
+        ),
+    )
     rank_out["beam5"].update(
         hr1=hit_rate(beams, test.c_next[:nb], 1),
         hr5=hit_rate(beams, test.c_next[:nb], 5),
         valid_share=float((beams >= 0).mean()),
     )
     merged = load_adapter(load_base(base, device=args.device)[0], adapter_dir, merge=True)
-    timed("likelihood_top5_merged", len(prompts), lambda n: rank_clusters(
-        merged, tok, cat, prompts[:n], top_n=5, batch_size=args.rank_batch_size))  # fmt: skip
+    timed(
+        "likelihood_top5_merged",
+        len(prompts),
+        lambda n: rank_clusters(merged, tok, cat, prompts[:n], top_n=5, batch_size=args.rank_batch_size),
+    )
     out["ranking"] = rank_out
     for name, r in rank_out.items():
         extra = ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k not in ("prompts", "seconds", "prompts_per_s"))

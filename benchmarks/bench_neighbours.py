@@ -16,7 +16,7 @@ Measured for the same random query pairs, interleaved query by query (these mach
 Recall@k is against exact search in numpy over the stored pair embeddings (tie-aware: a returned pair
 counts if its exact similarity reaches the k-th best). psycopg prepares a statement after 5 runs; the
 warm-up runs past that, and the exact baseline runs unprepared because a prepared plan ignores a later
-SET of a planner setting (RECIPES.md). hnsw.ef_search is read at execution, so SET LOCAL works with
+SET of a planner setting (docs/architecture.md). hnsw.ef_search is read at execution, so SET LOCAL works with
 prepared plans.
 
     .venv/bin/python benchmarks/bench_neighbours.py                                  # quick: 160 clusters

@@ -123,15 +123,19 @@ def register_release(dsn: str, schema: str, run_id: str) -> None:
             (run_id,),
         )
         snap = conn.execute(
-            sql.SQL("INSERT INTO {}.snapshots (window_start, window_end, scoring, top_r, min_support, state)"
-                    " VALUES (%s, %s, 'frequency', 1, 5, 'current') RETURNING snapshot_id").format(s),
+            sql.SQL(
+                "INSERT INTO {}.snapshots (window_start, window_end, scoring, top_r, min_support, state)"
+                " VALUES (%s, %s, 'frequency', 1, 5, 'current') RETURNING snapshot_id"
+            ).format(s),
             (end - 30 * 86400, end),
-        ).fetchone()[0]  # type: ignore[index]  # fmt: skip
+        ).fetchone()[0]  # type: ignore[index]
         conn.execute(
-            sql.SQL("INSERT INTO {}.releases (release_id, base_model, adapter_uri, snapshot_id, table_version, gates,"
-                    " state, run_id) VALUES (%s, 'b', %s, %s, 1, %s, 'candidate', %s)").format(s),
+            sql.SQL(
+                "INSERT INTO {}.releases (release_id, base_model, adapter_uri, snapshot_id, table_version, gates,"
+                " state, run_id) VALUES (%s, 'b', %s, %s, 1, %s, 'candidate', %s)"
+            ).format(s),
             (run_id, f"s3://adapters/{run_id}", snap, json.dumps({"passed": True}), run_id),
-        )  # fmt: skip
+        )
 
 
 async def run_one(n: int, args: argparse.Namespace, dsn: str) -> dict[str, Any]:
@@ -233,10 +237,27 @@ async def start_operator(
     args: argparse.Namespace, env: dict[str, str], log: Any, time_scale: float = 1.0
 ) -> tuple[subprocess.Popen[bytes], int]:
     health, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "recupdate_operator.cli", "operator", "--namespace", NS, "--standalone",
-           "--metrics-port", str(metrics_port), "--metrics-address", "127.0.0.1",
-           "--liveness", f"http://127.0.0.1:{health}/healthz",
-           "--workers", str(args.workers), "--resync", str(args.resync), "--time-scale", str(time_scale)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "recupdate_operator.cli",
+        "operator",
+        "--namespace",
+        NS,
+        "--standalone",
+        "--metrics-port",
+        str(metrics_port),
+        "--metrics-address",
+        "127.0.0.1",
+        "--liveness",
+        f"http://127.0.0.1:{health}/healthz",
+        "--workers",
+        str(args.workers),
+        "--resync",
+        str(args.resync),
+        "--time-scale",
+        str(time_scale),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     await wait_healthy(health, proc)
     return proc, metrics_port
@@ -294,11 +315,19 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=8, help="the operator's --workers (8)")
     p.add_argument("--idle", type=float, default=120.0, help="real seconds of idle to count API requests over (120)")
     p.add_argument("--resync", type=float, default=900.0, help="the operator's --resync (its default, 900)")
-    p.add_argument("--time-scale", type=float, default=60.0,
-                   help="clock speed-up of the restarted operator for the idle count (60: an hour a minute)")  # fmt: skip
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=60.0,
+        help="clock speed-up of the restarted operator for the idle count (60: an hour a minute)",
+    )
     p.add_argument("--settle", type=float, default=10.0, help="seconds to let things settle before idle (10)")
-    p.add_argument("--no-releases", dest="releases", action="store_false",
-                   help="skip promoting a release for every policy before the idle count")  # fmt: skip
+    p.add_argument(
+        "--no-releases",
+        dest="releases",
+        action="store_false",
+        help="skip promoting a release for every policy before the idle count",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="give up waiting after this many seconds (600)")
     p.add_argument("--dsn", default=None, help="PostgreSQL DSN (default: an embedded server)")
     p.add_argument("--json", default=None, help="write the results here")

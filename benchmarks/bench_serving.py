@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fresh_store, median, percentile, postgres
-from recupdate_workloads.serving_demo import MISSING_PAIRS, build_demo_store
+from recupdate_workloads.serving.demo_store import MISSING_PAIRS, build_demo_store
 
 
 @dataclass
@@ -194,10 +194,21 @@ def bench_uvicorn(dsn: str, uc: dict[str, Any], payloads: list[bytes], args: arg
     port = _free_port()
     env = {**os.environ, "RECUPDATE_STORE_DSN": dsn, "RECUPDATE_SERVE_USER_CONFIG": json.dumps(uc)}
     cmd = [
-        sys.executable, "-m", "uvicorn", "--factory", "recupdate_workloads.serving_app:create_app",
-        "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
-        "--workers", str(args.uvicorn_workers),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "recupdate_workloads.serving.app:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--workers",
+        str(args.uvicorn_workers),
+    ]
     proc = subprocess.Popen(cmd, env=env)
     try:
         _wait_http(f"http://127.0.0.1:{port}/healthz")
@@ -212,7 +223,7 @@ def direct_ingress_ports(app_name: str) -> list[int]:
     """The replicas' own HTTP ports when Serve's direct ingress is on (RAY_SERVE_THROUGHPUT_OPTIMIZED=1), else []."""
     import ray
 
-    from recupdate_workloads import serving as sv
+    from recupdate_workloads.serving import deployment as sv
 
     groups = ray.get(sv._client()._controller.get_target_groups.remote(app_name))
     proxy_port = sv._client().http_config.port
@@ -226,7 +237,7 @@ def rollouts_under_load(
     ports: list[int], demo: Any, payloads: list[bytes], config: dict[str, Any], args: argparse.Namespace
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Alternate releases while a closed loop runs; requests are classified by their start time."""
-    from recupdate_workloads import serving as sv
+    from recupdate_workloads.serving import deployment as sv
 
     windows: list[tuple[float, float]] = []
     stop = threading.Event()
@@ -270,7 +281,7 @@ def rollouts_under_load(
 def bench_serve(
     dsn: str, demo: Any, payloads: list[bytes], replicas: int, port: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    from recupdate_workloads import serving as sv
+    from recupdate_workloads.serving import deployment as sv
 
     app = sv.serve_application(
         demo.releases["rel-a"],
@@ -280,11 +291,11 @@ def bench_serve(
         access_log=not args.no_access_log,
         background_swap=None if args.swap == "auto" else args.swap == "background",
     )
-    config = sv.serve_config([app], port=port)
+    config = sv.deploy_config([app], port=port)
     t0 = time.perf_counter()
     sv.deploy(config, timeout_s=300)
     out: dict[str, Any] = {
-        "background_swap": (sv.recommender_user_config(config) or {}).get("background_swap"),
+        "background_swap": (sv.user_config_of(config) or {}).get("background_swap"),
         "deploy_s": time.perf_counter() - t0,
         "paths": {},
     }
@@ -353,7 +364,7 @@ def main() -> None:
 
         import ray
 
-        from recupdate_workloads import serving as sv
+        from recupdate_workloads.serving import deployment as sv
 
         if args.throughput_optimized:
             args.serve_env.append("RAY_SERVE_THROUGHPUT_OPTIMIZED=1")

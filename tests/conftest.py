@@ -1,6 +1,6 @@
 """Shared pytest configuration. Fixtures live in helper modules and are imported here.
 
-tests/ has no __init__.py, so pytest puts tests/ on sys.path and the helpers import as ``k8s.*``.
+tests/ is on sys.path (pyproject: pythonpath), so the helpers import as ``k8s.*`` and ``fixtures.*``.
 """
 
 import os

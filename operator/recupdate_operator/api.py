@@ -17,7 +17,18 @@ from croniter import croniter
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-GROUP = "recupdate.io"
+# Contract names the API re-exports (the "X as X" form), so that operator code imports the API from one place.
+from recupdate_workloads.contract.durations import SPEC_DURATION_PATTERN
+from recupdate_workloads.contract.durations import parse_duration as parse_duration
+from recupdate_workloads.contract.labels import ANNOTATION_APPROVE as ANNOTATION_APPROVE
+from recupdate_workloads.contract.labels import ANNOTATION_ROLLBACK as ANNOTATION_ROLLBACK
+from recupdate_workloads.contract.labels import GROUP as GROUP
+from recupdate_workloads.contract.labels import LABEL_GENERATION as LABEL_GENERATION
+from recupdate_workloads.contract.labels import LABEL_KIND as LABEL_KIND
+from recupdate_workloads.contract.labels import LABEL_POLICY as LABEL_POLICY
+from recupdate_workloads.contract.labels import LABEL_RUN_ID as LABEL_RUN_ID
+from recupdate_workloads.contract.serve import APP_NAME, DEPLOYMENT_NAME
+
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "RecommenderUpdatePolicy"
@@ -26,33 +37,13 @@ SINGULAR = "recommenderupdatepolicy"
 SHORT = "rup"
 CRD_NAME = f"{PLURAL}.{GROUP}"
 
-# Annotations a person sets on a policy; the operator acts on each value once.
-ANNOTATION_APPROVE = f"{GROUP}/approve"  # =<release_id>: promote that candidate (promotion: Manual)
-ANNOTATION_ROLLBACK = f"{GROUP}/rollback-to"  # =<release_id>: re-activate that earlier release
-# Labels/annotations the operator puts on its children (RayJobs, the RayService).
-LABEL_POLICY = f"{GROUP}/policy"
-LABEL_KIND = f"{GROUP}/kind"
-LABEL_RUN_ID = f"{GROUP}/run-id"
-LABEL_GENERATION = f"{GROUP}/generation"
-
 # ---------------------------------------------------------------------------------------------------------
-# Durations: "<int><unit>" with unit s, m, h, d or w. One unit only in the schema, so that CEL rules in the
-# CRD can compare two durations (see crd.py); parse_duration also accepts compound forms like "1h30m".
+# Durations: one grammar for both sides (contract.durations). The schema admits one unit only, so that CEL
+# rules in the CRD can compare two durations (see generate/crd.py).
 
-DURATION_PATTERN = r"^[0-9]{1,9}[smhdw]$"
+DURATION_PATTERN = SPEC_DURATION_PATTERN
 DURATION_MAX_LENGTH = 10
 MIN_REFRESH_INTERVAL = timedelta(minutes=1)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_PART = re.compile(r"([0-9]+)([smhdw])")
-
-
-def parse_duration(text: str) -> timedelta:
-    """'90d' -> 90 days. Accepts s, m, h, d, w and sums compound forms ('1h30m')."""
-    text = text.strip()
-    if not text or _DURATION_PART.sub("", text):
-        raise ValueError(f"invalid duration {text!r}: expected e.g. '30s', '15m', '6h', '90d', '2w'")
-    seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
-    return timedelta(seconds=seconds)
 
 
 def _positive_duration(value: str) -> str:
@@ -319,10 +310,10 @@ class ServingSpec(CamelModel):
     replicas: int = Field(default=1, ge=0, le=1000, description="Serve replicas of the recommender deployment.")
     resources: ServeResources = Field(default_factory=ServeResources, description="Per-replica resources.")
     application_name: str = Field(
-        default="recommender", min_length=1, max_length=63, description="Ray Serve application name."
+        default=APP_NAME, min_length=1, max_length=63, description="Ray Serve application name."
     )
     deployment_name: str = Field(
-        default="Recommender",
+        default=DEPLOYMENT_NAME,
         min_length=1,
         max_length=63,
         description="Ray Serve deployment name in the application.",

@@ -10,13 +10,16 @@ import sys
 # name -> (module, one-line help). Each module defines configure(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("recupdate_operator.demo", "run the main job locally on embedded defaults"),
-    "replay": ("recupdate_workloads.replay_cli", "replay update strategies over historical data"),
-    "drift": ("recupdate_workloads.drift", "measure how fast successor sets drift between periods"),
-    "crd": ("recupdate_operator.crd", "generate the CustomResourceDefinition from the API models"),
-    "manifests": ("recupdate_operator.manifests", "generate RBAC manifests and the chart's copies of the CRDs"),
+    "replay": ("recupdate_workloads.replay.cli", "replay update strategies over historical data"),
+    "drift": ("recupdate_workloads.replay.drift", "measure how fast successor sets drift between periods"),
+    "crd": ("recupdate_operator.generate.crd", "generate the CustomResourceDefinition from the API models"),
+    "manifests": (
+        "recupdate_operator.generate.manifests",
+        "generate RBAC manifests and the chart's copies of the CRDs",
+    ),
     "operator": ("recupdate_operator.run", "run the Kubernetes operator (kopf)"),
-    "local": ("recupdate_operator.local", "run one policy on this machine with embedded parts"),
-    "serve": ("recupdate_workloads.serve_cli", "serve the active release of a local store"),
+    "local": ("recupdate_operator.local_driver", "run one policy on this machine with embedded parts"),
+    "serve": ("recupdate_workloads.serving.cli", "serve the active release of a local store"),
 }
 
 

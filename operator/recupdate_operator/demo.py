@@ -27,5 +27,20 @@ def run(args: argparse.Namespace) -> int:
     from recupdate_operator.cli import main
 
     shutil.rmtree(args.workdir, ignore_errors=True)  # a demo starts from scratch; `recupdate local` resumes
-    return main(["local", "-f", str(POLICY), "--simulate", args.simulate, "--interactions", str(args.interactions),
-                 "--workdir", args.workdir, "--executor", args.executor, "--port", str(args.port)])  # fmt: skip
+    return main(
+        [
+            "local",
+            "-f",
+            str(POLICY),
+            "--simulate",
+            args.simulate,
+            "--interactions",
+            str(args.interactions),
+            "--workdir",
+            args.workdir,
+            "--executor",
+            args.executor,
+            "--port",
+            str(args.port),
+        ]
+    )

@@ -61,6 +61,9 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from recupdate_workloads.contract.serve import release_keys
+from recupdate_workloads.contract.timefmt import parse_time
+
 from . import metrics
 from .api import (
     ANNOTATION_APPROVE,
@@ -157,15 +160,6 @@ def _sig(body: Mapping[str, Any]) -> tuple[Any, ...]:
     meta = body.get("metadata") or {}
     ann = meta.get("annotations") or {}
     return (meta.get("generation"), ann.get(ANNOTATION_APPROVE), ann.get(ANNOTATION_ROLLBACK))
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def _without_age(status: Mapping[str, Any]) -> dict[str, Any]:
@@ -575,7 +569,7 @@ class Controller:
             spec=spec if spec is not None else (raw_spec if isinstance(raw_spec, Mapping) else {}),
             generation=int(meta.get("generation") or 1),
             annotations=dict(meta.get("annotations") or {}),
-            creation_timestamp=_parse_time(meta.get("creationTimestamp")),
+            creation_timestamp=parse_time(meta.get("creationTimestamp")),
         )
         with entry.lock:
             entry.reconciled_sig = _sig(body)
@@ -696,12 +690,7 @@ class Controller:
         assert self.backend is not None
         self.backend.ensure_serving(
             ref,
-            {
-                "release_id": active.release_id,
-                "adapter_uri": active.adapter_uri,
-                "table_version": active.table_version,
-                "store_schema": ref.schema,
-            },
+            release_keys(active.release_id, active.adapter_uri, active.table_version, ref.schema),
         )
         with entry.lock:
             entry.served_at = self.clock()

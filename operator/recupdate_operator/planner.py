@@ -24,6 +24,9 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from recupdate_workloads.contract.serve import release_keys
+from recupdate_workloads.contract.timefmt import iso
+
 from . import schedule
 from .api import (
     ANNOTATION_APPROVE,
@@ -100,7 +103,7 @@ class ObservedJob:
 
     @property
     def succeeded(self) -> bool:
-        # KubeRay also reports Complete when the Ray job itself FAILED (DESIGN.md section 5).
+        # KubeRay also reports Complete when the Ray job itself FAILED (docs/architecture.md).
         return self.job_deployment_status == "Complete" and self.job_status == "SUCCEEDED"
 
 
@@ -331,7 +334,7 @@ def run_config(
     scheduled_at: datetime,
     active_release: str | None,
 ) -> dict[str, Any]:
-    """The entrypoint's --config (DESIGN.md section 4): the relevant spec sections in camelCase, plus
+    """The entrypoint's --config (docs/architecture.md): the relevant spec sections in camelCase, plus
 
     runId, kind, policy, namespace, storeSchema, activeRelease (the release serving at launch: the
     adapter a refresh infers with, and the baseline of the regression gate, or null), and
@@ -342,7 +345,7 @@ def run_config(
     return {
         "runId": run_id,
         "activeRelease": active_release,
-        "window": {"start": _iso(end - length), "end": _iso(end)},
+        "window": {"start": iso(end - length), "end": iso(end)},
         **_config_inputs(policy, namespace, spec, kind),
     }
 
@@ -369,12 +372,8 @@ def gates_verdict(gates: Mapping[str, Any]) -> tuple[bool, list[str]]:
     return not failed, failed
 
 
-def _iso(t: datetime) -> str:
-    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def _fmt(t: datetime | None) -> str:
-    return _iso(t) if t else "never"
+    return iso(t) if t else "never"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -731,12 +730,9 @@ class _Planner:
                 self.s.served_release = None
             return
         if active is not None and self.s.served_release != active.id:
-            user_config = {
-                "release_id": active.id,
-                "adapter_uri": active.adapter_uri,
-                "table_version": active.table_version,
-                "store_schema": schema_name(self.policy.name, self.spec),
-            }
+            user_config = release_keys(
+                active.id, active.adapter_uri, active.table_version, schema_name(self.policy.name, self.spec)
+            )
             self.actions.append(RollServe(active.id, user_config))
             self.event("Normal", "ServeUpdated", f"serving release {active.id}")
             self.s.served_release = active.id
@@ -790,7 +786,7 @@ class _Planner:
                 self.event(
                     "Warning",
                     "MissedSchedule",
-                    f"{kind.value} scheduled for {_iso(due)} missed its starting deadline ({deadline}s); skipped",
+                    f"{kind.value} scheduled for {iso(due)} missed its starting deadline ({deadline}s); skipped",
                 )
         last = self.last(kind)
         if target is None and kind == RunKind.FINETUNE:
@@ -875,7 +871,7 @@ class _Planner:
         self.set_last(kind, ref)
         self.mark_scheduled(kind, scheduled_at)
         what = {"scheduled": "", "retry": f" (retry {attempt})", "initial": " (initial)"}[why]
-        self.event("Normal", "Launched", f"{kind.value} {run_id} for {_iso(scheduled_at)}{what}")
+        self.event("Normal", "Launched", f"{kind.value} {run_id} for {iso(scheduled_at)}{what}")
         return None
 
     def _active_id(self, active: _Release | None) -> str | None:

@@ -1,4 +1,4 @@
-"""The release registry in the Postgres store, as the controller sees it (DESIGN.md section 4).
+"""The release registry in the Postgres store, as the controller sees it (docs/architecture.md).
 
 Plain SQL through psycopg against the tables of workloads/recupdate_workloads/store/migrations/001_registry.sql,
 schema-qualified (one schema per policy, api.schema_name); the operator never imports the workloads. It reads
@@ -26,6 +26,8 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from recupdate_workloads.contract import registry as contract_registry
 
 from .api import RunKind, RunResult, SecretKeyRef
 from .backends.base import PolicyRef
@@ -323,23 +325,11 @@ class Registry:
     def activate(self, policy: PolicyRef, release_id: str, now: datetime) -> None:
         """Make `release_id` the active release in one transaction: the active one is retired first (the
         partial unique index allows one active release). Rejected or unknown releases are refused."""
-        rel = self._t(policy.schema, "releases")
         try:
             with self._conn(policy) as conn, conn.transaction():
-                row = conn.execute(
-                    sql.SQL("SELECT state FROM {} WHERE release_id = %s FOR UPDATE").format(rel), (release_id,)
-                ).fetchone()
-                if row is None:
-                    raise StoreError(f"release {release_id} does not exist", transient=False)
-                if row[0] == "rejected":
-                    raise StoreError(f"release {release_id} was rejected and cannot be activated", transient=False)
-                if row[0] == "active":
-                    return
-                conn.execute(sql.SQL("UPDATE {} SET state = 'retired' WHERE state = 'active'").format(rel))
-                conn.execute(
-                    sql.SQL("UPDATE {} SET state = 'active', activated_at = %s WHERE release_id = %s").format(rel),
-                    (now, release_id),
-                )
+                contract_registry.activate(conn, policy.schema, release_id, now)
+        except contract_registry.ActivationRefused as exc:
+            raise StoreError(str(exc), transient=False) from None
         except psycopg.Error as exc:
             raise StoreError(f"store error: {_pg_message(exc)}") from None
 

@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any
 
-DSN_ENV = "RECUPDATE_STORE_DSN"
+from recupdate_workloads.contract.env import DSN_ENV
 
 
 def _secret_ref(text: str) -> tuple[str, str]:
@@ -101,9 +101,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
-    secret = SecretKeyRef(name=args.default_store_secret[0], key=args.default_store_secret[1]) if (
-        args.default_store_secret
-    ) else None  # fmt: skip
+    secret = (
+        SecretKeyRef(name=args.default_store_secret[0], key=args.default_store_secret[1])
+        if (args.default_store_secret)
+        else None
+    )
     controller = Controller(
         config=ControllerConfig(
             resync_seconds=args.resync,

@@ -1,7 +1,7 @@
 """Run real kopf inside pytest's event loop against an emulated cluster.
 
 ``kopf.operator()``/``kopf.run()`` would cancel pytest's own tasks at exit; this uses
-``kopf.spawn_tasks`` + ``kopf.run_tasks(ignored=...)`` as RECIPES.md prescribes::
+``kopf.spawn_tasks`` + ``kopf.run_tasks(ignored=...)`` as docs/architecture.md describes::
 
     registry = kopf.OperatorRegistry()
 

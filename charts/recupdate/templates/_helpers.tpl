@@ -71,7 +71,7 @@ app.kubernetes.io/part-of: recupdate
 {{- end }}
 
 {{/*
-RBAC rules generated from operator/recupdate_operator/rbac.py by `make manifests`
+RBAC rules generated from operator/recupdate_operator/generate/rbac.py by `make manifests`
 (files/rbac-rules.yaml). Keys: namespaced, cluster, peeringNamespaced, peeringCluster.
 Usage: include "recupdate.rules" (list . "namespaced")
 */}}

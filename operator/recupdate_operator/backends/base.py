@@ -4,15 +4,14 @@ A backend turns the planner's job and serving actions into real objects: KubeRay
 (kuberay.py), or local Ray jobs and a local Serve deployment (local mode). Like the backends of Kubeflow's
 SDK, each one is a small class behind one Protocol, so handlers.py never knows which one it drives.
 
-``serve_config`` is the single source of the Serve application config: KubeRay puts it (as YAML) into the
-RayService's ``serveConfigV2``, local mode deploys the same dict through Serve's deploy path. Only the
-deployment's ``user_config`` changes between releases (DESIGN.md section 4), so a roll is an in-place
-``reconfigure()`` on live replicas.
+``serve_config`` maps a policy's spec onto the Serve application config of the contract
+(``recupdate_workloads.contract.serve``): KubeRay puts it (as YAML) into the RayService's ``serveConfigV2``,
+local mode deploys the same dict through Serve's deploy path. Only the deployment's ``user_config`` changes
+between releases, so a roll is an in-place ``reconfigure()`` on live replicas (docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections.abc import Mapping
@@ -21,18 +20,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import yaml
 
+from recupdate_workloads.contract.env import DSN_ENV
+from recupdate_workloads.contract.serve import serve_application
+
 from ..api import PolicySpec, schema_name
 from ..planner import LaunchRun, ObservedJob
-
-#: The Ray Serve application every release is served by (workloads/recupdate_workloads/serving.py).
-SERVE_IMPORT_PATH = "recupdate_workloads.serving:app"
-SERVE_ROUTE_PREFIX = "/"
-#: Requests one replica takes at once: the handler is async and a table lookup takes microseconds.
-SERVE_MAX_ONGOING_REQUESTS = 64
-#: The environment variable jobs and Serve replicas read the store DSN from (DESIGN.md section 4).
-DSN_ENV = "RECUPDATE_STORE_DSN"
-#: The contract keys of Serve's user_config (DESIGN.md section 4).
-USER_CONFIG_KEYS = ("release_id", "adapter_uri", "table_version", "store_schema")
 
 
 class BackendError(Exception):
@@ -154,49 +146,25 @@ def gpu_count(gpus: float) -> int:
 # Serve config: one source for KubeRay's serveConfigV2 and local mode's deploy
 
 
-def normalize_user_config(user_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The user_config as Serve receives it: the contract keys first, table_version as an integer."""
-    missing = [k for k in USER_CONFIG_KEYS if k not in user_config]
-    if missing:
-        raise ValueError(f"user_config lacks {missing}")
-    out = {k: user_config[k] for k in USER_CONFIG_KEYS}
-    tv = out["table_version"]
-    if isinstance(tv, str) and tv.isdigit():
-        out["table_version"] = int(tv)
-    out.update({k: v for k, v in user_config.items() if k not in USER_CONFIG_KEYS})
-    return out
-
-
 def serve_config(spec: PolicySpec, user_config: Mapping[str, Any]) -> dict[str, Any]:
     """The Serve config of a policy serving `user_config` ({release_id, adapter_uri, table_version,
     store_schema}): ``{"applications": [...]}``, the shape of Ray Serve's ServeDeploySchema and of KubeRay's
     serveConfigV2. HTTP options are left to the platform (KubeRay sets them; local mode adds its own)."""
     serving = spec.serving
     res = serving.resources
-    actor: dict[str, Any] = {"num_cpus": float(res.cpus)}
-    if res.gpus > 0:
-        actor["num_gpus"] = float(res.gpus)
-    actor["memory"] = quantity_bytes(res.memory)
     env_vars = {e.name: e.value for e in spec.runtime.env if e.name != DSN_ENV}
-    return {
-        "applications": [
-            {
-                "name": serving.application_name,
-                "import_path": SERVE_IMPORT_PATH,
-                "route_prefix": SERVE_ROUTE_PREFIX,
-                "runtime_env": {"env_vars": env_vars} if env_vars else {},
-                "deployments": [
-                    {
-                        "name": serving.deployment_name,
-                        "num_replicas": int(serving.replicas),
-                        "max_ongoing_requests": SERVE_MAX_ONGOING_REQUESTS,
-                        "ray_actor_options": actor,
-                        "user_config": normalize_user_config(user_config),
-                    }
-                ],
-            }
-        ]
-    }
+    app = serve_application(
+        user_config,
+        int(serving.replicas),
+        name=serving.application_name,
+        deployment=serving.deployment_name,
+        env_vars=env_vars,
+        num_cpus=float(res.cpus),
+        num_gpus=float(res.gpus),
+        memory_bytes=quantity_bytes(res.memory),
+        background_swap=None,
+    )
+    return {"applications": [app]}
 
 
 def dump_serve_config(config: Mapping[str, Any]) -> str:
@@ -209,32 +177,3 @@ def load_serve_config(text: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ValueError("serveConfigV2 is not a YAML mapping")
     return doc
-
-
-def _deployment(config: Mapping[str, Any], app: str, deployment: str) -> dict[str, Any] | None:
-    for a in config.get("applications") or []:
-        if isinstance(a, dict) and a.get("name") == app:
-            for d in a.get("deployments") or []:
-                if isinstance(d, dict) and d.get("name") == deployment:
-                    return d
-    return None
-
-
-def user_config_of(config: Mapping[str, Any], app: str, deployment: str) -> dict[str, Any] | None:
-    """The user_config of `deployment` in application `app`, or None."""
-    d = _deployment(config, app, deployment)
-    uc = d.get("user_config") if d is not None else None
-    return dict(uc) if isinstance(uc, Mapping) else None
-
-
-def with_user_config(
-    config: Mapping[str, Any], user_config: Mapping[str, Any], app: str, deployment: str
-) -> dict[str, Any]:
-    """A copy of `config` whose deployment serves `user_config`; nothing else changes. KeyError when the
-    application or deployment is missing."""
-    out = copy.deepcopy(dict(config))
-    d = _deployment(out, app, deployment)
-    if d is None:
-        raise KeyError(f"no deployment {deployment!r} in application {app!r}")
-    d["user_config"] = normalize_user_config(user_config)
-    return out

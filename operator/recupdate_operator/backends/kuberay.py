@@ -1,4 +1,4 @@
-"""The KubeRay backend: one RayJob per run, one RayService per policy (DESIGN.md section 5).
+"""The KubeRay backend: one RayJob per run, one RayService per policy (docs/architecture.md).
 
 Pure builder functions make the manifests (like dask-kubernetes' make_pod_spec): easy to test and to read.
 ``KubeRayBackend`` sends them with the synchronous ``kubernetes`` client; handlers.py calls it from worker
@@ -18,10 +18,13 @@ import json
 import re
 import shlex
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 import yaml
+
+from recupdate_workloads.contract import entrypoints
+from recupdate_workloads.contract.serve import user_config_of, with_user_config
+from recupdate_workloads.contract.timefmt import iso, parse_time
 
 from ..api import (
     API_VERSION,
@@ -44,8 +47,6 @@ from .base import (
     gpu_count,
     load_serve_config,
     serve_config,
-    user_config_of,
-    with_user_config,
 )
 
 RAY_GROUP = "ray.io"
@@ -62,7 +63,6 @@ TTL_SECONDS_AFTER_FINISHED = 600
 #: The head runs the driver only (num-cpus 0 keeps Train workers off it).
 HEAD_CPU = "1"
 HEAD_MEMORY = "2Gi"
-ENTRYPOINT_MODULES = {RunKind.FINETUNE: "recupdate_workloads.finetune", RunKind.REFRESH: "recupdate_workloads.refresh"}
 REQUEST_TIMEOUT = (5, 30)  # (connect, read) seconds for every API call
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -115,10 +115,9 @@ def labels(policy: PolicyRef, **extra: str) -> dict[str, str]:
 
 
 def entrypoint(launch: LaunchRun) -> str:
-    """`python -m recupdate_workloads.<finetune|refresh> --config '<json>' --run-id <id>` (DESIGN.md 4)."""
+    """The run's command line (contract.entrypoints), config inline as compact JSON, shell-quoted."""
     config = json.dumps(dict(launch.config), sort_keys=True, separators=(",", ":"))
-    module = ENTRYPOINT_MODULES[launch.kind]
-    return f"python -m {module} --config {shlex.quote(config)} --run-id {shlex.quote(launch.run_id)}"
+    return shlex.join(entrypoints.command(launch.kind.value, config, launch.run_id))
 
 
 def store_secret(policy: PolicyRef, default: SecretKeyRef | None = None) -> SecretKeyRef | None:
@@ -207,10 +206,6 @@ def ray_cluster_spec(
     }
 
 
-def _iso(t: datetime) -> str:
-    return t.isoformat().replace("+00:00", "Z")
-
-
 def rayjob_manifest(
     policy: PolicyRef, launch: LaunchRun, *, default_secret: SecretKeyRef | None = None
 ) -> dict[str, Any]:
@@ -273,7 +268,7 @@ def rayjob_manifest(
             "namespace": policy.namespace,
             "labels": job_labels,
             "annotations": {
-                ANNOTATION_SCHEDULED_AT: _iso(launch.scheduled_at),
+                ANNOTATION_SCHEDULED_AT: iso(launch.scheduled_at),
                 ANNOTATION_ATTEMPT: str(launch.attempt),
             },
             "ownerReferences": [owner_reference(policy)],
@@ -347,20 +342,11 @@ def roll_patch(service: Mapping[str, Any], policy: PolicyRef, user_config: Mappi
 # Reading (pure)
 
 
-def _time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def observed_job(obj: Mapping[str, Any]) -> ObservedJob | None:
     """A RayJob as the planner reads it, or None when it is not a recupdate run (labels missing).
 
     Terminal iff status.jobDeploymentStatus is Complete or Failed (or ValidationFailed); Complete with a
-    jobStatus other than SUCCEEDED is a failure (ObservedJob.succeeded checks both, DESIGN.md section 5).
+    jobStatus other than SUCCEEDED is a failure (ObservedJob.succeeded checks both, docs/architecture.md).
     """
     meta = obj.get("metadata") or {}
     lab = meta.get("labels") or {}
@@ -377,8 +363,8 @@ def observed_job(obj: Mapping[str, Any]) -> ObservedJob | None:
         generation=int(gen) if gen and str(gen).isdigit() else None,
         job_deployment_status=str(status.get("jobDeploymentStatus") or ""),
         job_status=str(status.get("jobStatus") or ""),
-        start_time=_time(status.get("startTime")) or _time(meta.get("creationTimestamp")),
-        end_time=_time(status.get("endTime")),
+        start_time=parse_time(status.get("startTime")) or parse_time(meta.get("creationTimestamp")),
+        end_time=parse_time(status.get("endTime")),
         message=str(status.get("message") or "")[:1000],
         reason=str(status.get("reason") or ""),
     )
@@ -515,10 +501,16 @@ class KubeRayBackend:
         try:
             # rbac: ray.io rayservices patch
             obj = self.api.patch_namespaced_custom_object(
-                RAY_GROUP, RAY_VERSION, namespace, plural, name, patch, _request_timeout=REQUEST_TIMEOUT,
+                RAY_GROUP,
+                RAY_VERSION,
+                namespace,
+                plural,
+                name,
+                patch,
+                _request_timeout=REQUEST_TIMEOUT,
                 # The client sends every patch as a merge patch unless told otherwise.
                 _content_type=JSON_PATCH if isinstance(patch, list) else MERGE_PATCH,
-            )  # fmt: skip
+            )
         except ApiException as exc:
             raise self._error(exc, f"patch {plural} {namespace}/{name}") from None
         except Exception as exc:
@@ -552,9 +544,13 @@ class KubeRayBackend:
         try:
             # rbac: ray.io rayjobs list
             listing = self.api.list_namespaced_custom_object(
-                RAY_GROUP, RAY_VERSION, policy.namespace, RAYJOBS, label_selector=selector,
+                RAY_GROUP,
+                RAY_VERSION,
+                policy.namespace,
+                RAYJOBS,
+                label_selector=selector,
                 _request_timeout=REQUEST_TIMEOUT,
-            )  # fmt: skip
+            )
         except Exception as exc:
             raise self._error(exc, f"list rayjobs in {policy.namespace}") from None
         jobs = []
@@ -588,8 +584,13 @@ class KubeRayBackend:
         if rv:
             ops.append({"op": "test", "path": "/metadata/resourceVersion", "value": rv})
         ops.append({"op": "replace", "path": "/spec", "value": desired["spec"]})
-        ops.append({"op": "replace" if "labels" in existing["metadata"] else "add", "path": "/metadata/labels",
-                    "value": desired["metadata"]["labels"]})  # fmt: skip
+        ops.append(
+            {
+                "op": "replace" if "labels" in existing["metadata"] else "add",
+                "path": "/metadata/labels",
+                "value": desired["metadata"]["labels"],
+            }
+        )
         self._patch(RAYSERVICES, policy.namespace, name, ops)
 
     def roll_serving(self, policy: PolicyRef, user_config: Mapping[str, Any]) -> None:

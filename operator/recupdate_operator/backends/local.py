@@ -24,9 +24,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from recupdate_workloads.contract import entrypoints
+from recupdate_workloads.contract.env import DSN_ENV
+
 from ..api import RunKind
 from ..planner import LaunchRun, ObservedJob
-from .base import DSN_ENV, BackendError, PolicyRef, ServingStatus, serve_config
+from .base import BackendError, PolicyRef, ServingStatus, serve_config
 
 LOCAL_REPLICA_CPUS = 0.25  # leave the cores to training and refresh jobs on a small machine
 
@@ -95,9 +98,8 @@ class LocalBackend:
 
     @staticmethod
     def _entrypoint(launch: LaunchRun, config: Path) -> list[str]:
-        """The same command a KubeRay RayJob runs (DESIGN.md section 4)."""
-        return [sys.executable, "-m", f"recupdate_workloads.{launch.kind.value}", "--config", str(config),
-                "--run-id", launch.run_id]  # fmt: skip
+        """The same command a KubeRay RayJob runs (contract.entrypoints), with this Python."""
+        return entrypoints.command(launch.kind.value, str(config), launch.run_id, python=sys.executable)
 
     def delete_job(self, policy: PolicyRef, name: str) -> None:
         job = self.jobs.pop(name, None)
@@ -162,7 +164,7 @@ class LocalBackend:
         if not self.serve:
             self._served = dict(user_config)
             return
-        from recupdate_workloads import serving  # local mode may import the workloads
+        from recupdate_workloads.serving import deployment as serving  # local mode may import the workloads
 
         serving.deploy(self._config(policy, user_config))
         self._served = dict(user_config)

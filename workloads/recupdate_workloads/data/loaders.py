@@ -125,7 +125,7 @@ _NO_GENRE = "(no genres listed)"
 def movielens_clusters(genres: pd.Series, mode: str = "pair") -> tuple[list[str], list[tuple[str, ...]]]:
     """Cluster of each movie: its two most specific genres ('pair'), or its most specific one ('genre').
 
-    The most specific genre is the one the fewest movies carry (RECIPES.md: 173 pair clusters on
+    The most specific genre is the one the fewest movies carry (docs/architecture.md: 173 pair clusters on
     ml-latest-small; single genres are too coarse, full combinations too sparse).
     """
     lists = genres.fillna(_NO_GENRE).str.split("|")

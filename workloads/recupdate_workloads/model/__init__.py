@@ -11,5 +11,5 @@ Submodules (import them directly; this package imports nothing heavy, so ``model
 - ``training``   answer-only loss with logits at the answer positions only, ``fit``
 - ``toy``        a tiny deterministic task for tests and benchmarks
 
-LoRA fine-tuning (inline or Ray Train) lives in ``recupdate_workloads.train_loop``.
+LoRA fine-tuning (inline or Ray Train) lives in ``recupdate_workloads.model.train_loop``.
 """

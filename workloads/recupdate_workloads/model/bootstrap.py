@@ -174,8 +174,19 @@ def bootstrap(
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        return _bootstrap(catalogue, triples, evidence_lookup, Path(out_dir), size, epochs, seed, batch_size, lr,
-                          evidence_dropout, max_examples)  # fmt: skip
+        return _bootstrap(
+            catalogue,
+            triples,
+            evidence_lookup,
+            Path(out_dir),
+            size,
+            epochs,
+            seed,
+            batch_size,
+            lr,
+            evidence_dropout,
+            max_examples,
+        )
     finally:
         torch.set_num_threads(prev_threads)
 

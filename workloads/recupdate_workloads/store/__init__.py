@@ -1,5 +1,5 @@
 """PostgreSQL + pgvector store: migrations, catalogue and interactions, evidence snapshots, transition
-tables and the registry of runs and releases (DESIGN.md section 4)."""
+tables and the registry of runs and releases (docs/architecture.md)."""
 
 from recupdate_workloads.store.db import Store, open_store, schema_for
 

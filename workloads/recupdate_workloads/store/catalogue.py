@@ -12,9 +12,18 @@ from recupdate_workloads.store.embeddings import embed_texts
 
 # Binary COPY rows of (int8 user, int8 item, int8 ts, float4 weight): fixed 46 bytes, parsed by numpy.
 _ROW = np.dtype(
-    [("n", ">i2"), ("l1", ">i4"), ("user", ">i8"), ("l2", ">i4"), ("item", ">i8"), ("l3", ">i4"), ("ts", ">i8"),
-     ("l4", ">i4"), ("weight", ">f4")]
-)  # fmt: skip
+    [
+        ("n", ">i2"),
+        ("l1", ">i4"),
+        ("user", ">i8"),
+        ("l2", ">i4"),
+        ("item", ">i8"),
+        ("l3", ">i4"),
+        ("ts", ">i8"),
+        ("l4", ">i4"),
+        ("weight", ">f4"),
+    ]
+)
 
 
 def save_catalogue(store: Store, catalogue: Catalogue, item_cluster: np.ndarray, embed: bool = True) -> None:

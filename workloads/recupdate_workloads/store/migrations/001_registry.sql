@@ -1,4 +1,4 @@
--- Registry (DESIGN.md section 4), catalogue, interactions, and the indexes of versioned artefacts.
+-- Registry (docs/architecture.md), catalogue, interactions, and the indexes of versioned artefacts.
 -- Runs with search_path set to the policy's schema; the vector extension lives in public.
 CREATE TABLE runs (
     run_id      text PRIMARY KEY,

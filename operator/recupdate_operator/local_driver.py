@@ -1,0 +1,342 @@
+"""`recupdate local -f policy.yaml`: the operator's planner driving one policy on this machine.
+
+The same RecommenderUpdatePolicy YAML that kubectl applies, validated by the same models, reconciled by the
+same planner; work runs through the local backend (subprocess jobs on a local Ray, a local Ray Serve) against
+an embedded PostgreSQL. The clock is real, accelerated (`--speed 3600`: an hour per second) or simulated
+(`--simulate 90d`: time jumps to the next planned wake-up and stands still while jobs run). An interaction
+stream (synthetic, or a replayed dataset) is appended to the store as time passes, so refreshes and
+fine-tunes see new data, and served recommendations are probed with the interactions that just happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .api import PolicySpec, PolicyStatus, parse_duration
+from .apply import apply_plan
+from .backends.base import PolicyRef
+from .planner import Event, Plan, Policy, RollServe, plan
+from .registry import Registry, StoreSettings
+
+log = logging.getLogger("recupdate.local")
+DAY = 86_400
+
+
+def load_policy(path: str | Path) -> tuple[str, str, PolicySpec, dict[str, Any]]:
+    """(name, namespace, spec, raw document) of a RecommenderUpdatePolicy file. Raises ValueError, clearly."""
+    doc = yaml.safe_load(Path(path).read_text())
+    if not isinstance(doc, dict) or doc.get("kind") != "RecommenderUpdatePolicy":
+        raise ValueError(f"{path}: not a RecommenderUpdatePolicy document")
+    meta = doc.get("metadata") or {}
+    if not meta.get("name"):
+        raise ValueError(f"{path}: metadata.name is required")
+    try:
+        spec = PolicySpec.model_validate(doc.get("spec") or {})
+    except ValidationError as exc:
+        raise ValueError(f"{path}: invalid spec:\n{exc}") from None
+    return meta["name"], meta.get("namespace", "default"), spec, doc
+
+
+@dataclass
+class Probe:
+    """Served recommendations checked against what users did next, per reporting period."""
+
+    period: int
+    served_hits: dict[int, list[int]] = field(default_factory=dict)  # period index -> [hits, n]
+    static_hits: dict[int, list[int]] = field(default_factory=dict)
+    failures: int = 0
+    requests: int = 0
+
+    def add(self, bucket: dict[int, list[int]], idx: int, hit: bool) -> None:
+        cell = bucket.setdefault(idx, [0, 0])
+        cell[0] += int(hit)
+        cell[1] += 1
+
+
+class LocalRun:
+    """One policy, one store, one clock. Everything that touches torch/Ray is imported lazily."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.name, self.namespace, self.spec, _ = load_policy(args.file)
+        self.workdir = Path(args.workdir).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.status_file = Path(args.status_file or self.workdir / f"{self.name}.status.json")
+        self.stop = False
+        self.timeline: list[dict[str, Any]] = []
+        self._last_line = ""
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        from recupdate_workloads.data.loaders import load
+        from recupdate_workloads.data.sequences import triples
+        from recupdate_workloads.data.synthetic import SyntheticSpec
+        from recupdate_workloads.store import catalogue as cat
+        from recupdate_workloads.store.db import open_store
+
+        from .api import schema_name
+
+        self.schema = schema_name(self.name, self.spec)
+        self.store = open_store(self.schema, data_dir=self.workdir / "pg")
+        source = self.args.data or self.spec.data.interactions
+        self.data = load(source, synthetic=SyntheticSpec(n_interactions=self.args.interactions, seed=self.args.seed))
+        log.info("data %s: %s", self.data.name, self.data.report.summary())
+        if not len(cat.load_catalogue(self.store)[0]):
+            cat.save_catalogue(self.store, self.data.catalogue, self.data.log.item_cluster)
+        self.triples = triples(self.data.log, self.spec.data.positive_threshold)
+        with self.store.tx() as c:
+            row = c.execute("SELECT max(ts) FROM interactions").fetchone()
+        self.watermark = int(row[0]) + 1 if row and row[0] is not None else int(self.data.log.ts.min())
+
+    def _clock_start(self) -> datetime:
+        if self.status_file.exists():
+            saved = json.loads(self.status_file.read_text()).get("localClock")
+            if saved:
+                return datetime.fromisoformat(saved)
+        warmup = parse_duration(self.args.warmup).total_seconds()
+        return datetime.fromtimestamp(int(self.data.log.ts.min()) + warmup, UTC).replace(minute=0, second=0)
+
+    def _append_until(self, now: datetime) -> int:
+        from recupdate_workloads.store import catalogue as cat
+
+        end = int(now.timestamp())
+        if end <= self.watermark:
+            return 0
+        chunk = self.data.log.window(self.watermark, end)
+        n = cat.append_interactions(self.store, chunk) if len(chunk) else 0
+        self.watermark = end
+        return n
+
+    # -- serving probe -------------------------------------------------------------------------------------
+
+    def _probe(self, start: int, end: int, probe: Probe, static: dict[tuple[int, int], list[int]] | None) -> None:
+        """Ask /recommend for a sample of the contexts that occurred in [start, end), score the answers."""
+        import numpy as np
+
+        t = self.triples.window(start, end)
+        if not len(t):
+            return
+        idx = np.random.default_rng(start).permutation(len(t))[: self.args.probe_requests]
+        bucket = (start - int(self.data.log.ts.min())) // probe.period
+        for i in idx.tolist():
+            c1, c2, nxt = int(t.c1[i]), int(t.c2[i]), int(t.c_next[i])
+            body = json.dumps({"recent_clusters": [c1, c2], "n": 5}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{self.args.port}/recommend", body,
+                                         {"Content-Type": "application/json"})  # fmt: skip
+            probe.requests += 1
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    ids = [c["id"] for c in json.loads(resp.read())["clusters"]]
+            except Exception:  # counted: serving must not fail during rollouts
+                probe.failures += 1
+                continue
+            probe.add(probe.served_hits, bucket, nxt in ids)
+            if static is not None:
+                probe.add(probe.static_hits, bucket, nxt in static.get((c1, c2), [])[:5])
+
+    def _static_table(self, release_id: str) -> dict[tuple[int, int], list[int]]:
+        from recupdate_workloads.store import registry as reg
+        from recupdate_workloads.store import tables
+
+        rel = reg.get_release(self.store, release_id)
+        assert rel is not None and rel.table_version is not None
+        return {k: [c for c, _, _ in v] for k, v in tables.load_table(self.store, rel.table_version).as_dict().items()}
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from recupdate_workloads.serving.deployment import ensure_local_ray
+
+        from .backends.local import LocalBackend
+
+        self._open()
+        ensure_local_ray(num_cpus=self.args.cpus)
+        import ray
+
+        ray_address = ray.get_runtime_context().gcs_address
+        now = self._clock_start()
+        sim_end = now + parse_duration(self.args.simulate) if self.args.simulate else None
+        real0, sim0 = time.monotonic(), now
+        self.now = now
+        env = {"RAY_ADDRESS": ray_address, "RECUPDATE_STORAGE": str(self.workdir / "artifacts"),
+               "RECUPDATE_EXECUTOR": self.args.executor, "RECUPDATE_MODEL_SIZE": self.args.model_size,
+               # one OpenMP thread per job: jobs share the cores with Serve and PostgreSQL, and oversubscribed
+               # OpenMP threads spin-wait (a LoRA fine-tune ran 20x slower with 2 threads under load)
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
+        backend = LocalBackend(self.store.dsn, self.workdir, env=env, port=self.args.port, clock=lambda: self.now,
+                               fail_runs=tuple(self.args.fail_run or ()))  # fmt: skip
+        registry = Registry(None, StoreSettings(default_dsn=self.store.dsn))
+        status: dict[str, Any] = {}
+        if self.status_file.exists():
+            status = json.loads(self.status_file.read_text()).get("status") or {}
+        probe = Probe(period=int(parse_duration(self.args.report_period).total_seconds()))
+        static: dict[tuple[int, int], list[int]] | None = None
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "stop", True))
+        policy = Policy(self.name, self.namespace, self.spec, 1, {}, sim0)
+        ref = PolicyRef(self.name, self.namespace, "local", self.spec, 1)
+        last_probe = int(now.timestamp())
+        t_start = time.monotonic()
+        while not self.stop:
+            self.now = now
+            self._append_until(now)
+            if backend._served is not None:
+                self._probe(last_probe, int(now.timestamp()), probe, static)
+            last_probe = int(now.timestamp())
+            p = plan(policy, status, backend.observe_jobs(ref), registry.read(ref), now)
+            apply_plan(p, ref, backend, registry, now, self._event, self._action)
+            if static is None and p.status.active_release:
+                static = self._static_table(p.status.active_release)  # the first release, never updated
+            status = p.status_patch()
+            self._write_status(status, now)
+            self._status_line(p, now, probe)
+            if sim_end is not None:
+                if backend.running():
+                    time.sleep(0.5)  # simulated time stands still while jobs run
+                    continue
+                if now >= sim_end:
+                    break
+                step = timedelta(seconds=parse_duration(self.args.tick).total_seconds())
+                nxt = min(p.wake_at or now + step, now + step, sim_end)
+                now = max(nxt, now + timedelta(seconds=1))
+            else:
+                time.sleep(1.0)
+                now = sim0 + timedelta(seconds=(time.monotonic() - real0) * self.args.speed)
+        print()
+        self._report(probe, time.monotonic() - t_start)
+        registry.close()
+        return 0 if probe.failures == 0 else 1
+
+    def _event(self, e: Event) -> None:
+        now = self.now
+        self.timeline.append({"time": now.isoformat(), "event": e.reason, "message": e.message, "type": e.type})
+        log.info("%s %s %s: %s", now.isoformat(), e.type, e.reason, e.message)
+
+    def _action(self, action: Any) -> None:
+        if isinstance(action, RollServe):
+            log.info("%s serving %s", self.now.isoformat(), action.release_id)
+
+    def _write_status(self, status: dict[str, Any], now: datetime) -> None:
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"localClock": now.isoformat(), "status": status}, indent=2, default=str))
+        tmp.replace(self.status_file)
+
+    def _status_line(self, p: Plan, now: datetime, probe: Probe) -> None:
+        s: PolicyStatus = p.status
+        fresh = "?"
+        if s.active_release_evidence_at:
+            fresh = f"{(now - s.active_release_evidence_at).total_seconds() / DAY:.1f}d"
+        ft = s.last_fine_tune.run_id if s.last_fine_tune else "-"
+        rf = s.last_refresh.run_id if s.last_refresh else "-"
+        nft = s.next_fine_tune_at.strftime("%Y-%m-%d") if s.next_fine_tune_at else "-"
+        nrf = s.next_refresh_at.strftime("%m-%d %H:%M") if s.next_refresh_at else "-"
+        line = (f"\r{now:%Y-%m-%d %H:%M} active={s.active_release or '-'} ft={ft} rf={rf} staleness={fresh} "
+                f"next ft={nft} rf={nrf} probes={probe.requests} failed={probe.failures}")  # fmt: skip
+        if not self.args.status_line:
+            return
+        if sys.stdout.isatty():
+            sys.stdout.write(line[:200].ljust(200))
+        elif line != self._last_line:  # a log, not a terminal: one line per change
+            sys.stdout.write(line[1:] + "\n")
+        self._last_line = line
+        sys.stdout.flush()
+
+    # -- report --------------------------------------------------------------------------------------------
+
+    def _report(self, probe: Probe, seconds: float) -> None:
+        from recupdate_workloads.store import registry as reg
+
+        print(f"\nreleases of policy {self.name} (schema {self.schema}):")
+        print(f"{'release':<28} {'state':<9} {'gates':<6} {'exact':>6} {'recall@5':>8} {'Δ vs active':>11}  created")
+        for r in reg.list_releases(self.store):
+            g = r.gates or {}
+            reg_v = (g.get("regression") or {}).get("value")
+            print(f"{r.release_id:<28} {r.state:<9} {('pass' if g.get('passed') else 'FAIL'):<6} "
+                  f"{(g.get('exactMatch') or {}).get('value', float('nan')):6.3f} "
+                  f"{(g.get('recall') or {}).get('value', float('nan')):8.3f} "
+                  f"{(f'{reg_v:+.3f}' if reg_v is not None else '-'):>11}  {r.created_at:%Y-%m-%d %H:%M}")  # fmt: skip
+        print(
+            f"\nhit rate (HR@5) of served recommendations per {self.args.report_period}, against the first release kept static:"
+        )
+        print(f"{'period':>6} {'served':>8} {'static':>8} {'probes':>7}")
+        rows = []
+        for b in sorted(probe.served_hits):
+            sh, sn = probe.served_hits[b]
+            th, tn = probe.static_hits.get(b, [0, 0])
+            rows.append((b, sh / sn, th / tn if tn else float("nan"), sn))
+            print(f"{b:>6} {sh / sn:8.3f} {(th / tn if tn else float('nan')):8.3f} {sn:>7}")
+        tot_s = sum(probe.served_hits[b][0] for b in probe.served_hits) / max(
+            1, sum(v[1] for v in probe.served_hits.values())
+        )
+        tot_t = sum(v[0] for v in probe.static_hits.values()) / max(1, sum(v[1] for v in probe.static_hits.values()))
+        print(f"{'all':>6} {tot_s:8.3f} {tot_t:8.3f} {probe.requests:>7}")
+        print(f"\nrequests to /recommend: {probe.requests}, failed: {probe.failures}; took {seconds / 60:.1f} min")
+        if rows:
+            print(f"plot: {self._plot(rows)}")
+        (self.workdir / "timeline.json").write_text(json.dumps(self.timeline, indent=2))
+
+    def _plot(self, rows: list[tuple[int, float, float, int]]) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label="served (refreshed + fine-tuned)")
+        ax.plot([r[0] for r in rows], [r[2] for r in rows], marker="s", label="first release, never updated")
+        ax.set_xlabel(f"period ({self.args.report_period})")
+        ax.set_ylabel("HR@5 of the next novel cluster")
+        ax.set_title(f"recupdate local: policy {self.name}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = self.workdir / "served-hr5.png"
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--file", required=True, help="a RecommenderUpdatePolicy YAML (as for kubectl apply)")
+    clock = p.add_mutually_exclusive_group()
+    clock.add_argument("--simulate", default=None, help="simulate this span (e.g. 90d), jumping between wake-ups")
+    clock.add_argument("--speed", type=float, default=1.0, help="real clock times this (3600: an hour per second)")
+    p.add_argument("--data", default=None, help="override spec.data.interactions: synthetic or movielens:PATH")
+    p.add_argument("--interactions", type=int, default=100_000, help="size of the synthetic stream")
+    p.add_argument("--seed", type=int, default=7, help="synthetic seed")
+    p.add_argument("--warmup", default="180d", help="history already in the store when the clock starts")
+    p.add_argument("--tick", default="1d", help="longest simulated step between reconciles")
+    p.add_argument("--workdir", default=".recupdate/local", help="store, artifacts, logs and status live here")
+    p.add_argument("--status-file", default=None, help="where the policy status is written (default: in workdir)")
+    p.add_argument("--port", type=int, default=8000, help="port of /recommend")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--executor", default="ray", choices=["ray", "inline"], help="fine-tunes on Ray Train or inline")
+    p.add_argument("--model-size", default="small", choices=["tiny", "small", "medium"], help="bootstrap size")
+    p.add_argument("--probe-requests", type=int, default=40, help="requests to /recommend per reconcile step")
+    p.add_argument("--report-period", default="30d", help="bucket of the served hit-rate report")
+    p.add_argument("--no-status-line", dest="status_line", action="store_false", help="no live status line")
+    p.add_argument("--fail-run", action="append", metavar="TEXT",
+                   help="chaos: runs whose id contains TEXT get unpassable gates (repeatable)")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return LocalRun(args).run()
+    except ValueError as exc:
+        print(f"recupdate local: {exc}", file=sys.stderr)
+        return 2

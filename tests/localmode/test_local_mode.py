@@ -1,0 +1,132 @@
+"""`recupdate local` end to end: the planner, the local backend, real jobs, a real Serve, a simulated clock."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+
+POLICY = """
+apiVersion: recupdate.io/v1alpha1
+kind: RecommenderUpdatePolicy
+metadata: {name: lm}
+spec:
+  data: {interactions: synthetic}
+  fineTune:
+    schedule: "0 3 15 * *"
+    window: 90d
+    hyperparameters: {epochs: 2, learningRate: 0.003, batchSize: 64}
+  retrieval: {refreshInterval: 10d, window: 60d, minSupport: 3, maxStaleness: 20d}
+  gates: {minExactMatch: 0.9, minRecall: 0.015, maxRegression: 0.05, promotion: Automatic}
+"""
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _local(tmp_path: Path, span: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    cmd = [
+        sys.executable,
+        "-m",
+        "recupdate_operator.cli",
+        "local",
+        "-f",
+        str(policy),
+        "--simulate",
+        span,
+        "--interactions",
+        "30000",
+        "--executor",
+        "inline",
+        "--model-size",
+        "tiny",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--port",
+        str(_free_port()),
+        "--probe-requests",
+        "10",
+        "--tick",
+        "2d",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+
+
+def _runs(tmp_path: Path) -> list[tuple[str, str, str]]:
+    uri = (tmp_path / "w" / "pg").absolute()
+    import pgserver
+
+    server = pgserver.get_server(str(uri), cleanup_mode=None)
+    with psycopg.connect(server.get_uri(), autocommit=True) as c:
+        return c.execute("SELECT run_id, kind, status FROM lm.runs ORDER BY run_id").fetchall()
+
+
+def _releases(tmp_path: Path) -> dict[str, str]:
+    import pgserver
+
+    server = pgserver.get_server(str((tmp_path / "w" / "pg").absolute()), cleanup_mode=None)
+    with psycopg.connect(server.get_uri(), autocommit=True) as c:
+        return dict(c.execute("SELECT release_id, state FROM lm.releases").fetchall())
+
+
+def _when(run_id: str) -> datetime:
+    return datetime.strptime(re.search(r"-(\d{12})", run_id).group(1), "%Y%m%d%H%M").replace(tzinfo=UTC)  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def stops_store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """`recupdate local` leaves its embedded PostgreSQL running on purpose (a rerun resumes); stop it after."""
+    yield
+    import pgserver
+
+    if (tmp_path / "w" / "pg").exists():
+        pgserver.get_server(str((tmp_path / "w" / "pg").absolute()), cleanup_mode="stop").cleanup()
+
+
+@pytest.mark.usefixtures("stops_store")
+def test_accelerated_run_schedules_promotes_rejects_serves_and_resumes(tmp_path: Path) -> None:
+    first = _local(tmp_path, "40d", "--fail-run", "ft-20200715")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert re.search(r"requests to /recommend: [1-9]\d*, failed: 0", first.stdout), first.stdout[-2000:]
+    runs = _runs(tmp_path)
+    ft = [r for r in runs if r[1] == "finetune"]
+    rf = [r for r in runs if r[1] == "refresh"]
+    # the initial fine-tune at the start, then the cron's 15th of the month at 03:00
+    assert [_when(r[0]).strftime("%m-%d %H:%M") for r in ft][1:] == ["07-15 03:00"]
+    # refreshes every 10 days on the interval's grid, once a release serves
+    assert len(rf) >= 2 and all(_when(r[0]).timestamp() % (10 * 86_400) == 0 for r in rf)
+    assert all(r[2] == "succeeded" for r in runs)
+    releases = _releases(tmp_path)
+    assert releases[ft[1][0]] == "rejected"  # the injected failure: its gates could not pass
+    assert releases[ft[0][0]] in ("active", "retired")
+    assert list(releases.values()).count("active") == 1
+    active = next(k for k, v in releases.items() if v == "active")
+    assert active != ft[1][0]  # serving stayed on a good release
+    status = json.loads((tmp_path / "w" / "lm.status.json").read_text())
+    assert status["status"]["activeRelease"] == active
+    # a restart resumes from the store and the status file: nothing already run runs again
+    before = {r[0] for r in runs}
+    second = _local(tmp_path, "20d")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    after = _runs(tmp_path)
+    assert {r[0] for r in after} > before
+    launched = sorted(p.stem for p in (tmp_path / "w" / "jobs").glob("*.json"))
+    assert len(launched) == len(after)  # one launch per run, across both sessions
+    assert min(_when(r[0]) for r in after if r[0] not in before) > max(_when(r) for r in before)

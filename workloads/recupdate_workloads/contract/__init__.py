@@ -1,0 +1,13 @@
+"""The contract between the controller and the workloads, written once (docs/architecture.md).
+
+Both sides import these modules; they import only the standard library and pydantic, so the operator (no
+torch, no Ray) and the workloads (no kopf, no kubernetes) can share them:
+
+- ``env``         environment variables both sides read (the store DSN)
+- ``entrypoints`` the job entrypoint modules and their command line
+- ``serve``       the typed Serve ``user_config`` and the Serve application config (KubeRay's serveConfigV2)
+- ``durations``   the duration grammar of the policy spec and the job configs
+- ``labels``      labels and annotations on policies and their children
+- ``timefmt``     how times are written and read (RFC 3339, UTC)
+- ``registry``    the activation transaction on the store's ``releases`` table
+"""

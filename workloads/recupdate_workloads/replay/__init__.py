@@ -1,0 +1,1 @@
+"""Offline replay of update strategies over historical data, and the drift analysis."""

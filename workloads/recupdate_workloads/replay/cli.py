@@ -1,0 +1,109 @@
+"""`recupdate replay`: compare update strategies over historical data (synthetic or MovieLens)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+BASELINES = ("static", "counts", "popular")
+LLM_STRATEGIES = ("finetune", "rag", "hybrid")
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="synthetic", help="synthetic (default), movielens:PATH or table:I,ITEMS[,C]")
+    p.add_argument("--clusters", default="pair", choices=["pair", "genre"], help="MovieLens clusters")
+    p.add_argument("--interactions", type=int, default=100_000, help="synthetic size (interactions)")
+    p.add_argument("--seed", type=int, default=7, help="synthetic seed")
+    p.add_argument("--period", default="90d", help="period length, e.g. 90d, 365d")
+    p.add_argument("--train-periods", type=int, default=2, help="periods of history before the first evaluation")
+    p.add_argument("--window", default=None, help="retrieval window (default: one period)")
+    p.add_argument("--threshold", type=float, default=3.5, help="positive threshold on the weight/rating")
+    p.add_argument("--min-support", type=int, default=3, help="pairs below it borrow evidence from neighbours")
+    p.add_argument("--scoring", default="frequency", choices=["frequency", "trend"])
+    p.add_argument(
+        "--strategies",
+        default=",".join(BASELINES),
+        help=f"comma-separated, from {', '.join(BASELINES + LLM_STRATEGIES)}",
+    )
+    p.add_argument("--finetune-every", type=int, default=2, help="hybrid: fine-tune every M periods")
+    p.add_argument("--executor", default="ray", choices=["ray", "inline"], help="where LLM fine-tunes run")
+    p.add_argument("--model-size", default="small", help="bootstrap model size (LLM strategies)")
+    p.add_argument("--epochs", type=float, default=None, help="LoRA epochs per fine-tune (LLM strategies)")
+    p.add_argument(
+        "--bootstrap-epochs",
+        type=int,
+        default=None,
+        help="epochs of the base model's bootstrap (LLM strategies; default 8)",
+    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the CIs")
+    p.add_argument("--out", default="out/replay", help="directory for results.json and hr5.png")
+    p.add_argument("--store-dir", default=None, help="embedded PostgreSQL data dir (default: a temp dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from recupdate_workloads.contract.durations import parse_seconds
+    from recupdate_workloads.data.loaders import load
+    from recupdate_workloads.data.sequences import triples
+    from recupdate_workloads.data.synthetic import SyntheticSpec
+    from recupdate_workloads.replay import core as rp
+    from recupdate_workloads.store import catalogue as cat
+    from recupdate_workloads.store.db import open_store
+
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = set(names) - set(BASELINES + LLM_STRATEGIES)
+    if unknown:
+        raise SystemExit(f"unknown strategies: {', '.join(sorted(unknown))}")
+    ds = load(
+        args.data, clusters=args.clusters, synthetic=SyntheticSpec(n_interactions=args.interactions, seed=args.seed)
+    )
+    print(f"data {ds.name}: {ds.report.summary()}; {len(ds.catalogue)} clusters")
+    period = parse_seconds(args.period)
+    config = rp.ReplayConfig(
+        period=period,
+        train_periods=args.train_periods,
+        window=parse_seconds(args.window) if args.window else period,
+        threshold=args.threshold,
+        min_support=args.min_support,
+        scoring=args.scoring,
+        bootstrap=args.bootstrap,
+    )
+    t = triples(ds.log, args.threshold)
+    with tempfile.TemporaryDirectory(prefix="recupdate-replay-") as tmp:
+        store = open_store("replay", data_dir=args.store_dir or Path(tmp) / "pg")
+        try:
+            cat.save_catalogue(store, ds.catalogue, ds.log.item_cluster)
+            evidence = rp.store_evidence(store, t, ds.catalogue, config)
+            strategies = build_strategies(names, args, Path(tmp), store)
+            result = rp.replay(t, ds.catalogue, strategies, config, evidence, ds.name, progress=not args.no_progress)
+        finally:
+            with store.tx() as c:
+                c.execute("DROP SCHEMA replay CASCADE")
+            store.close()
+            if store.server is not None:
+                store.server.cleanup()
+    out = Path(args.out)
+    print(rp.format_table(result))
+    print(f"results: {rp.write_json(result, out / 'results.json')}")
+    print(f"plot:    {rp.plot(result, out / 'hr5.png')}")
+    return 0
+
+
+def build_strategies(names: list[str], args: argparse.Namespace, workdir: Path, store: Any) -> list[Any]:
+    from recupdate_workloads.replay import core as rp
+
+    out: list[Any] = []
+    for name in names:
+        if name == "static":
+            out.append(rp.CountsStrategy("static", refresh=False))
+        elif name == "counts":
+            out.append(rp.CountsStrategy("counts", refresh=True))
+        elif name == "popular":
+            out.append(rp.PopularStrategy())
+        else:
+            import recupdate_workloads.replay.llm as replay_llm
+
+            out.append(replay_llm.build(name, args, workdir, store))
+    return out

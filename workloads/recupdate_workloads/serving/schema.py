@@ -1,0 +1,68 @@
+"""What /recommend takes and answers: the request and response models, with one clear error per bad field."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+from pydantic_core import PydanticCustomError
+
+log = logging.getLogger("recupdate.serving")
+
+MAX_RECENT = 100
+MAX_N = 100
+
+
+def _cluster_ref(v: Any) -> int | str:
+    """One entry of recent_clusters: a cluster id or a name, with one clear error for anything else."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        if not 0 <= v < 2**31:
+            raise PydanticCustomError("cluster_id_range", "cluster ids are integers from 0 to 2147483647")
+        return v
+    if isinstance(v, str):
+        if not 1 <= len(v) <= 200:
+            raise PydanticCustomError("cluster_name_length", "cluster names have 1 to 200 characters")
+        return v
+    raise PydanticCustomError("cluster_ref_type", "expected a cluster id (integer) or a cluster name (string)")
+
+
+ClusterRef = Annotated[int | str, PlainValidator(_cluster_ref, json_schema_input_type=int | str)]
+
+
+class RecommendRequest(BaseModel):
+    """What /recommend takes. Strict: numbers are not accepted as strings, nor strings as numbers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: str | None = Field(None, max_length=256, description="Optional caller-side user id; not used for ranking.")
+    recent_clusters: list[ClusterRef] = Field(
+        max_length=MAX_RECENT,
+        description=(
+            "The user's recent positive clusters, oldest first, newest last: cluster ids or names (names match "
+            "case- and punctuation-insensitively). Consecutive repeats are collapsed; the last two distinct "
+            f"clusters form the context. At most {MAX_RECENT}."
+        ),
+    )
+    n: int = Field(10, ge=1, le=MAX_N, description=f"How many clusters to return, 1..{MAX_N}.")
+
+
+Source = Literal["model", "evidence", "popular"]
+
+
+class RecommendedCluster(BaseModel):
+    id: int = Field(description="Cluster id.")
+    name: str = Field(description="Cluster name.")
+    score: float = Field(description="Log-probability (model), share (evidence) or popularity share (popular).")
+    source: Source = Field(description="What produced this entry.")
+
+
+class RecommendResponse(BaseModel):
+    clusters: list[RecommendedCluster]
+    release: str = Field(description="The release that produced every entry of this response.")
+
+
+class UnknownClusters(ValueError):
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("unknown clusters")
+        self.errors = errors
