@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     from . import metrics
     from .api import SecretKeyRef
+    from .controller import Controller, ControllerConfig, register
     from .events import RedactingFilter
-    from .handlers import Controller, ControllerConfig, register
 
     kopf.configure(verbose=args.verbose, debug=args.debug)
     for handler in logging.getLogger().handlers:

@@ -83,7 +83,7 @@ def test_operator_flags_reach_kopf(monkeypatch: pytest.MonkeyPatch, argv: list[s
     ids = {h.id for h in registry._spawning.get_all_handlers()} | {h.id for h in registry._watching.get_all_handlers()}
     assert {"recupdate_policy", "recupdate_rayjob", "recupdate_rayservice"} <= ids
     daemons = [h.id for h in registry._spawning.get_all_handlers()]
-    # Standalone: no daemon or timer, so kopf puts no finalizer on policies; peering needs one (see handlers.py).
+    # Standalone: no daemon or timer, so kopf puts no finalizer on policies; peering needs one (see controller/handlers.py).
     assert daemons == (["recupdate_lease"] if seen["peering_name"] else [])
 
 
@@ -111,7 +111,7 @@ def test_every_api_call_has_its_permission() -> None:
 def test_operator_never_imports_the_workloads() -> None:
     """Only the contract (standard library and pydantic) is shared; the rest of the workloads stays out."""
     code = (
-        "import sys, recupdate_operator.run, recupdate_operator.handlers, recupdate_operator.registry, "
+        "import sys, recupdate_operator.run, recupdate_operator.controller, recupdate_operator.registry, "
         "recupdate_operator.backends.kuberay, recupdate_operator.metrics, recupdate_operator.generate.rbac\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'transformers', 'recupdate_workloads')]\n"
         "bad = [m for m in bad if m != 'recupdate_workloads' and not m.startswith('recupdate_workloads.contract')]\n"

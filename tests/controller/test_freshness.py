@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from recupdate_operator.handlers import Controller
+from recupdate_operator.controller import Controller
 
 KEY = ("default", "recs")
 
@@ -51,7 +51,7 @@ class FakeApi:
 def setup() -> tuple[Controller, FakeApi]:
     c = Controller(api_client=object())
     api = FakeApi(c, body(1))
-    c._custom = api
+    c.status.custom = api
     c.on_policy(None, body(1))
     return c, api
 
@@ -59,20 +59,20 @@ def setup() -> tuple[Controller, FakeApi]:
 def test_own_write_is_used_until_the_watch_catches_up() -> None:
     c, api = setup()
     entry = c._entries[KEY]
-    c._write_status(KEY, entry, body(1), {"observedGeneration": 7})
-    assert c._current_body(KEY, entry)["metadata"]["resourceVersion"] == "2"  # our write, not the stale watch
+    c.status.write(KEY, entry, body(1), {"observedGeneration": 7})
+    assert c.status.current_body(KEY, entry)["metadata"]["resourceVersion"] == "2"  # our write, not the stale watch
     c.on_policy("MODIFIED", api.server)  # the watch shows our write
-    assert c._current_body(KEY, entry)["metadata"]["resourceVersion"] == "2"
+    assert c.status.current_body(KEY, entry)["metadata"]["resourceVersion"] == "2"
     assert entry.written is None and api.gets == 0
 
 
 def test_an_event_after_our_write_forces_a_fresh_read() -> None:
     c, api = setup()
     entry = c._entries[KEY]
-    c._write_status(KEY, entry, body(1), {"observedGeneration": 7})
+    c.status.write(KEY, entry, body(1), {"observedGeneration": 7})
     api.server = body(3, approve="r1")  # someone annotates; the watch skips our own event (kopf batches)
     c.on_policy("MODIFIED", api.server)
-    fresh = c._current_body(KEY, entry)
+    fresh = c.status.current_body(KEY, entry)
     assert api.gets == 1 and fresh["metadata"]["annotations"] == {"recupdate.io/approve": "r1"}
 
 
@@ -82,7 +82,7 @@ def test_events_racing_with_the_write_force_a_fresh_read() -> None:
     # While our patch is in flight, the watch delivers a newer change (an approval) before the answer returns.
     api.during_patch = [body(5, approve="r1")]
     api.server = body(10)  # our write becomes 11: is event 5 before or after it? Unknown: read afresh
-    c._write_status(KEY, entry, body(1), {"observedGeneration": 7})
+    c.status.write(KEY, entry, body(1), {"observedGeneration": 7})
     api.server = body(12, approve="r1")
-    fresh = c._current_body(KEY, entry)
+    fresh = c.status.current_body(KEY, entry)
     assert api.gets == 1 and fresh["metadata"]["annotations"] == {"recupdate.io/approve": "r1"}

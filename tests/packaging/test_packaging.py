@@ -729,7 +729,7 @@ assert args.command == "operator" and not getattr(args, "_missing", False), args
 
 def test_operator_runs_without_the_workloads_extra() -> None:
     """The operator image has no torch/Ray/transformers: `recupdate operator` and what it imports must not need them."""
-    modules = ["recupdate_operator.run", "recupdate_operator.handlers", "recupdate_operator.metrics"]
+    modules = ["recupdate_operator.run", "recupdate_operator.controller", "recupdate_operator.metrics"]
     modules += [
         "recupdate_operator.registry",
         "recupdate_operator.backends.kuberay",

@@ -9,16 +9,12 @@ How a caller applies a Plan:
      recomputes the same decisions (launches are idempotent by their deterministic names; promotions are
      derived from the registry, and RollServe from registry-active vs status.servedRelease).
   3. Patch the status subresource with `plan.status_patch()` (JSON merge patch: None deletes a key).
-  4. Reconcile again at `plan.wake_at` at the latest (a timer), or on any change of the policy or its jobs.
-"""
+  4. Reconcile again at `plan.wake_at` at the latest (a timer), or on any change of the policy or its jobs."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -27,8 +23,8 @@ from pydantic import ValidationError
 from recupdate_workloads.contract.serve import release_keys
 from recupdate_workloads.contract.timefmt import iso
 
-from . import schedule
-from .api import (
+from .. import schedule
+from ..api import (
     ANNOTATION_APPROVE,
     ANNOTATION_ROLLBACK,
     ConcurrencyPolicy,
@@ -43,341 +39,23 @@ from .api import (
     parse_duration,
     schema_name,
 )
-from .conditions import get_condition, set_condition
-
-# A job launched this recently may not be visible yet (informer cache, API latency): not "deleted" yet.
-JOB_APPEAR_GRACE = timedelta(seconds=60)
-# RayJob status.jobDeploymentStatus values that mean the job will not change any more. ValidationFailed
-# (KubeRay >= 1.3) never runs, so it is as final as Failed.
-TERMINAL_DEPLOYMENT_STATUSES = frozenset({"Complete", "Failed", "ValidationFailed"})
-# Failure reasons that are decisions, not faults: they do not count toward backoff or trigger retries.
-NOT_A_FAULT = frozenset({"Replaced"})
-
-_KIND_ABBREV = {RunKind.FINETUNE: "ft", RunKind.REFRESH: "rf"}
-_RUN_ID_SUFFIX = re.compile(r"-(ft|rf)-(\d{12})(?:-r(\d+))?$")
-
-# ---------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass(frozen=True)
-class Policy:
-    """The policy object as the planner needs it. `spec` may be raw (a dict from the API server).
-
-    creation_timestamp matters: scheduled times before it are not missed runs, and it names the initial
-    fine-tune. Local mode should pass a fixed one too.
-    """
-
-    name: str
-    namespace: str
-    spec: PolicySpec | Mapping[str, Any]
-    generation: int = 1
-    annotations: Mapping[str, str] = field(default_factory=dict)
-    creation_timestamp: datetime | None = None
-
-
-@dataclass(frozen=True)
-class ObservedJob:
-    """One run's job as observed (a RayJob, or a local job reporting the same vocabulary). Pass only the
-    policy's own jobs (label api.LABEL_POLICY).
-
-    kind, run_id and generation come from the job's labels (api.LABEL_*); the statuses from RayJob
-    status.jobDeploymentStatus and status.jobStatus; reason/message from status.reason/message;
-    start_time from status.startTime, else metadata.creationTimestamp; end_time from status.endTime.
-    """
-
-    name: str
-    kind: RunKind
-    run_id: str
-    generation: int | None = None
-    job_deployment_status: str = ""
-    job_status: str = ""
-    start_time: datetime | None = None
-    end_time: datetime | None = None
-    message: str = ""
-    reason: str = ""
-
-    @property
-    def terminal(self) -> bool:
-        return self.job_deployment_status in TERMINAL_DEPLOYMENT_STATUSES
-
-    @property
-    def succeeded(self) -> bool:
-        # KubeRay also reports Complete when the Ray job itself FAILED (docs/architecture.md).
-        return self.job_deployment_status == "Complete" and self.job_status == "SUCCEEDED"
-
-
-@dataclass(frozen=True)
-class RunView:
-    """A row of the store's runs table. status: running, succeeded or failed."""
-
-    run_id: str
-    kind: RunKind
-    status: str
-    error: str | None = None
-    release_id: str | None = None  # the candidate this run registered, when the store links them
-
-
-@dataclass(frozen=True)
-class ReleaseView:
-    """A row of the store's releases table. state: candidate, active, rejected or retired.
-
-    gates is what the workload wrote: {"passed": bool} and/or {gate: {"passed": bool, "value": ...,
-    "threshold": ...}}. evidence_at is the end of the evidence window of its snapshot (for Fresh).
-    """
-
-    release_id: str
-    state: str
-    gates: Mapping[str, Any] = field(default_factory=dict)
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-    created_at: datetime | None = None
-    activated_at: datetime | None = None
-    evidence_at: datetime | None = None
-    run_id: str | None = None  # the run that produced it, when known
-    adapter_uri: str | None = None
-    table_version: str | None = None
-
-
-@dataclass(frozen=True)
-class RegistryView:
-    """What the store says. error is set (and the rest empty) when the store could not be read."""
-
-    runs: Sequence[RunView] = ()
-    releases: Sequence[ReleaseView] = ()
-    error: str | None = None
-
-    def run(self, run_id: str) -> RunView | None:
-        return next((r for r in self.runs if r.run_id == run_id), None)
-
-    def release(self, release_id: str) -> ReleaseView | None:
-        return next((r for r in self.releases if r.release_id == release_id), None)
-
-    def active(self) -> ReleaseView | None:
-        return next((r for r in self.releases if r.state == "active"), None)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Actions: what the caller must do, in order. Every decision also comes with an Event.
-
-
-@dataclass(frozen=True)
-class LaunchRun:
-    """Create the job `job_name` running `python -m recupdate_workloads.<kind> --config <config> --run-id
-    <run_id>`, labelled with kind, run_id and generation. `config` is JSON-ready (see run_config)."""
-
-    kind: RunKind
-    run_id: str
-    job_name: str
-    config: Mapping[str, Any]
-    generation: int
-    scheduled_at: datetime
-    attempt: int = 0
-
-
-@dataclass(frozen=True)
-class DeleteJob:
-    """Delete the job (stop it if running). reason: Replaced (concurrencyPolicy) or History (pruning)."""
-
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class RecordRun:
-    """Record a run's end in the store's runs table, unless the workload already did (status final)."""
-
-    run_id: str
-    kind: RunKind
-    result: RunResult
-    reason: str
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class Promote:
-    """Activate a candidate in the store (one transaction: the old active one becomes retired)."""
-
-    release_id: str
-    reason: Literal["Automatic", "Manual"]
-
-
-@dataclass(frozen=True)
-class Reject:
-    """Mark a candidate rejected in the store; it will never be promoted or rolled back to."""
-
-    release_id: str
-    reasons: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Rollback:
-    """Re-activate an earlier (retired or candidate) release in the store, as Promote does."""
-
-    release_id: str
-
-
-@dataclass(frozen=True)
-class RollServe:
-    """Create or update the owned RayService so Serve's user_config is `user_config`
-    ({release_id, adapter_uri, table_version, store_schema}); a reconfigure, not a redeploy."""
-
-    release_id: str
-    user_config: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class StopServe:
-    """Delete the owned RayService (serving.enabled turned false)."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class PruneReleases:
-    """Delete these retired/rejected releases (and what only they reference) from the store."""
-
-    release_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event on the policy. type: Normal or Warning."""
-
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-Action = LaunchRun | DeleteJob | RecordRun | Promote | Reject | Rollback | RollServe | StopServe | PruneReleases | Event
-
-
-@dataclass(frozen=True)
-class Plan:
-    actions: tuple[Action, ...]
-    status: PolicyStatus
-    wake_at: datetime | None = None  # reconcile again by then, even if nothing changes
-
-    def status_patch(self) -> dict[str, Any]:
-        """The status as a JSON merge patch body (camelCase; None clears a field)."""
-        return self.status.model_dump(mode="json", by_alias=True)
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        """The actions of one type, e.g. plan.of(LaunchRun)."""
-        return [a for a in self.actions if isinstance(a, kind)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Naming and run configs
-
-
-def _dns_label(text: str) -> str:
-    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-") or "policy"
-
-
-def run_name(policy: str, kind: RunKind, scheduled_at: datetime, attempt: int = 0) -> str:
-    """`<policy>-ft-<yyyymmddhhmm>` (or -rf-), `-r<n>` for retries: a DNS-1123 label of at most 63 chars.
-
-    Derived only from the policy and the scheduled time, so a restarted operator finds the job it already
-    launched instead of launching another. Long policy names are cut and get a hash, to stay unique.
-    """
-    stamp = scheduled_at.astimezone(UTC).strftime("%Y%m%d%H%M")
-    suffix = f"-{_KIND_ABBREV[kind]}-{stamp}" + (f"-r{attempt}" if attempt else "")
-    base = _dns_label(policy)
-    room = 63 - len(suffix)
-    if len(base) > room:
-        digest = hashlib.sha256(policy.encode()).hexdigest()[:6]
-        base = base[: room - 7].rstrip("-") + "-" + digest
-    return base + suffix
-
-
-def parse_run_name(name: str) -> tuple[datetime, int] | None:
-    """(scheduled_at, attempt) from a name made by run_name, else None."""
-    m = _RUN_ID_SUFFIX.search(name)
-    if not m:
-        return None
-    when = datetime.strptime(m.group(2), "%Y%m%d%H%M").replace(tzinfo=UTC)
-    return when, int(m.group(3) or 0)
-
-
-def _config_inputs(policy: str, namespace: str, spec: PolicySpec, kind: RunKind) -> dict[str, Any]:
-    """The parts of the spec a run's result depends on (not its schedule): also what config_hash covers."""
-
-    def dump(model: Any, include: set[str] | None = None) -> Any:
-        return model.model_dump(mode="json", by_alias=True, include=include)
-
-    inputs: dict[str, Any] = {
-        "kind": kind.value,
-        "policy": policy,
-        "namespace": namespace,
-        "storeSchema": schema_name(policy, spec),
-        "model": dump(spec.model),
-        "data": dump(spec.data),
-        "retrieval": dump(spec.retrieval, {"window", "top_successors", "scoring", "min_support", "neighbours"}),
-        "gates": dump(spec.gates, {"min_exact_match", "min_recall", "max_regression"}),
-    }
-    if kind == RunKind.FINETUNE:
-        inputs["fineTune"] = dump(spec.fine_tune, {"window", "hyperparameters", "resources"})
-    return inputs
-
-
-def config_hash(policy: str, namespace: str, spec: PolicySpec, kind: RunKind) -> str:
-    blob = json.dumps(_config_inputs(policy, namespace, spec, kind), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def run_config(
-    policy: str,
-    namespace: str,
-    spec: PolicySpec,
-    kind: RunKind,
-    run_id: str,
-    scheduled_at: datetime,
-    active_release: str | None,
-) -> dict[str, Any]:
-    """The entrypoint's --config (docs/architecture.md): the relevant spec sections in camelCase, plus
-
-    runId, kind, policy, namespace, storeSchema, activeRelease (the release serving at launch: the
-    adapter a refresh infers with, and the baseline of the regression gate, or null), and
-    window {start, end} (RFC 3339, [start, end)): the data window ending at the scheduled time.
-    """
-    length = parse_duration(spec.fine_tune.window if kind == RunKind.FINETUNE else spec.retrieval.window)
-    end = scheduled_at.astimezone(UTC)
-    return {
-        "runId": run_id,
-        "activeRelease": active_release,
-        "window": {"start": iso(end - length), "end": iso(end)},
-        **_config_inputs(policy, namespace, spec, kind),
-    }
-
-
-def gates_verdict(gates: Mapping[str, Any]) -> tuple[bool, list[str]]:
-    """(passed, reasons it failed) from a release's gates, as written by the workload."""
-    failed: list[str] = []
-    checks = 0
-    for name, gate in gates.items():
-        if isinstance(gate, Mapping) and "passed" in gate:
-            checks += 1
-            if not gate["passed"]:
-                detail = ""
-                if "value" in gate and "threshold" in gate:
-                    detail = f" ({gate['value']} vs {gate['threshold']})"
-                failed.append(f"{name}{detail}")
-    overall = gates.get("passed")
-    if isinstance(overall, bool):
-        if not overall and not failed:
-            failed.append("gates failed")
-        return overall and not failed, failed
-    if checks == 0:
-        return False, ["no gates recorded"]
-    return not failed, failed
-
-
-def _fmt(t: datetime | None) -> str:
-    return iso(t) if t else "never"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The planner
+from ..conditions import get_condition, set_condition
+from .actions import (
+    Action,
+    DeleteJob,
+    Event,
+    LaunchRun,
+    Plan,
+    Promote,
+    PruneReleases,
+    RecordRun,
+    Reject,
+    Rollback,
+    RollServe,
+    StopServe,
+)
+from .inputs import JOB_APPEAR_GRACE, NOT_A_FAULT, ObservedJob, Policy, RegistryView, ReleaseView
+from .naming import _fmt, config_hash, gates_verdict, parse_run_name, run_config, run_name
 
 
 def plan(

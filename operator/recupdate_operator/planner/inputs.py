@@ -1,0 +1,117 @@
+"""What the planner reads: the policy, the observed jobs and the registry's view of runs and releases."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from ..api import (
+    PolicySpec,
+    RunKind,
+)
+
+# A job launched this recently may not be visible yet (informer cache, API latency): not "deleted" yet.
+JOB_APPEAR_GRACE = timedelta(seconds=60)
+# RayJob status.jobDeploymentStatus values that mean the job will not change any more. ValidationFailed
+# (KubeRay >= 1.3) never runs, so it is as final as Failed.
+TERMINAL_DEPLOYMENT_STATUSES = frozenset({"Complete", "Failed", "ValidationFailed"})
+# Failure reasons that are decisions, not faults: they do not count toward backoff or trigger retries.
+NOT_A_FAULT = frozenset({"Replaced"})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The policy object as the planner needs it. `spec` may be raw (a dict from the API server).
+
+    creation_timestamp matters: scheduled times before it are not missed runs, and it names the initial
+    fine-tune. Local mode should pass a fixed one too.
+    """
+
+    name: str
+    namespace: str
+    spec: PolicySpec | Mapping[str, Any]
+    generation: int = 1
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    creation_timestamp: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ObservedJob:
+    """One run's job as observed (a RayJob, or a local job reporting the same vocabulary). Pass only the
+    policy's own jobs (label api.LABEL_POLICY).
+
+    kind, run_id and generation come from the job's labels (api.LABEL_*); the statuses from RayJob
+    status.jobDeploymentStatus and status.jobStatus; reason/message from status.reason/message;
+    start_time from status.startTime, else metadata.creationTimestamp; end_time from status.endTime.
+    """
+
+    name: str
+    kind: RunKind
+    run_id: str
+    generation: int | None = None
+    job_deployment_status: str = ""
+    job_status: str = ""
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    message: str = ""
+    reason: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.job_deployment_status in TERMINAL_DEPLOYMENT_STATUSES
+
+    @property
+    def succeeded(self) -> bool:
+        # KubeRay also reports Complete when the Ray job itself FAILED (docs/architecture.md).
+        return self.job_deployment_status == "Complete" and self.job_status == "SUCCEEDED"
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A row of the store's runs table. status: running, succeeded or failed."""
+
+    run_id: str
+    kind: RunKind
+    status: str
+    error: str | None = None
+    release_id: str | None = None  # the candidate this run registered, when the store links them
+
+
+@dataclass(frozen=True)
+class ReleaseView:
+    """A row of the store's releases table. state: candidate, active, rejected or retired.
+
+    gates is what the workload wrote: {"passed": bool} and/or {gate: {"passed": bool, "value": ...,
+    "threshold": ...}}. evidence_at is the end of the evidence window of its snapshot (for Fresh).
+    """
+
+    release_id: str
+    state: str
+    gates: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    activated_at: datetime | None = None
+    evidence_at: datetime | None = None
+    run_id: str | None = None  # the run that produced it, when known
+    adapter_uri: str | None = None
+    table_version: str | None = None
+
+
+@dataclass(frozen=True)
+class RegistryView:
+    """What the store says. error is set (and the rest empty) when the store could not be read."""
+
+    runs: Sequence[RunView] = ()
+    releases: Sequence[ReleaseView] = ()
+    error: str | None = None
+
+    def run(self, run_id: str) -> RunView | None:
+        return next((r for r in self.runs if r.run_id == run_id), None)
+
+    def release(self, release_id: str) -> ReleaseView | None:
+        return next((r for r in self.releases if r.release_id == release_id), None)
+
+    def active(self) -> ReleaseView | None:
+        return next((r for r in self.releases if r.state == "active"), None)
