@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..api import GROUP, PLURAL
 
 SCOPES = ("namespaced", "cluster", "peeringNamespaced", "peeringCluster")
@@ -119,7 +121,6 @@ def marked_in_source(root: Path | None = None) -> set[tuple[str, str, str]]:
 
 def main() -> None:
     """Print files/rbac-rules.yaml for the chart."""
-    import yaml
 
     print(yaml.safe_dump(rules_by_scope(), sort_keys=False), end="")
 

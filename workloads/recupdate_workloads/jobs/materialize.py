@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from recupdate_workloads.data.types import Catalogue
 from recupdate_workloads.model.predictor import Evidence, Predictor
@@ -53,7 +54,6 @@ def pairs_to_score(evidence: Evidence, catalogue: Catalogue, all_pairs: bool = F
 def materialize(
     predictor: Predictor, evidence: Evidence, top_n: int = 10, all_pairs: bool = False, progress: bool = False
 ) -> Materialized:
-    from tqdm import tqdm
 
     c1, c2 = pairs_to_score(evidence, predictor.catalogue, all_pairs)
     t0 = time.perf_counter()

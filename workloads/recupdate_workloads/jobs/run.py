@@ -8,6 +8,7 @@ refresh:   new evidence snapshot -> bulk inference with the active adapter -> ga
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import resource
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from recupdate_workloads.contract import entrypoints
+from recupdate_workloads.contract.env import DSN_ENV
 from recupdate_workloads.data import evidence as evidence_mem
 from recupdate_workloads.data.sequences import triples as to_triples
 from recupdate_workloads.data.types import Catalogue, Triples
@@ -29,7 +31,7 @@ from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store import evidence as ev
 from recupdate_workloads.store import registry as reg
 from recupdate_workloads.store import tables
-from recupdate_workloads.store.db import Store
+from recupdate_workloads.store.db import Store, open_store
 
 log = logging.getLogger("recupdate.jobs")
 TABLE_TOP_N = 10
@@ -267,10 +269,6 @@ def run_refresh(store: Store, cfg: RunConfig) -> reg.Release:
 
 def main(kind: str, argv: list[str] | None = None) -> int:
     """The entrypoint of a run kind (contract.entrypoints): ``--config <json or file> --run-id <id>``."""
-    import argparse
-
-    from recupdate_workloads.contract.env import DSN_ENV
-    from recupdate_workloads.store.db import open_store
 
     prog = f"python -m {entrypoints.module_for(kind)}"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])

@@ -7,6 +7,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from recupdate_workloads.contract.durations import parse_seconds
+from recupdate_workloads.data.loaders import load
+from recupdate_workloads.data.sequences import triples
+from recupdate_workloads.data.synthetic import SyntheticSpec
+from recupdate_workloads.store import catalogue as cat
+from recupdate_workloads.store.db import open_store
+
 BASELINES = ("static", "counts", "popular")
 LLM_STRATEGIES = ("finetune", "rag", "hybrid")
 
@@ -44,13 +51,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recupdate_workloads.contract.durations import parse_seconds
-    from recupdate_workloads.data.loaders import load
-    from recupdate_workloads.data.sequences import triples
-    from recupdate_workloads.data.synthetic import SyntheticSpec
     from recupdate_workloads.replay import core as rp
-    from recupdate_workloads.store import catalogue as cat
-    from recupdate_workloads.store.db import open_store
 
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = set(names) - set(BASELINES + LLM_STRATEGIES)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from tqdm import tqdm
 
 from recupdate_workloads.data.sequences import period_edges
 from recupdate_workloads.data.types import Catalogue, PairEvidence, Triples
@@ -219,7 +220,6 @@ def replay(
     progress: bool = True,
 ) -> ReplayResult:
     """Run every strategy over the periods and score it. `static` (if present) is the CI baseline."""
-    from tqdm import tqdm
 
     if len(triples) == 0:
         raise ValueError("no triples: is the positive threshold right for this data?")

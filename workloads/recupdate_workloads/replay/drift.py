@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recupdate_workloads.data.sequences import pair_key, period_edges
+from recupdate_workloads.contract.durations import parse_seconds
+from recupdate_workloads.data.loaders import load
+from recupdate_workloads.data.sequences import pair_key, period_edges, triples
+from recupdate_workloads.data.synthetic import SyntheticSpec
 from recupdate_workloads.data.types import Triples
 
 TOP = 5
@@ -89,10 +92,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recupdate_workloads.contract.durations import parse_seconds
-    from recupdate_workloads.data.loaders import load
-    from recupdate_workloads.data.sequences import triples
-    from recupdate_workloads.data.synthetic import SyntheticSpec
 
     ds = load(args.data, clusters=args.clusters, synthetic=SyntheticSpec(n_interactions=args.interactions))
     t = triples(ds.log, args.threshold)

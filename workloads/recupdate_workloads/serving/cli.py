@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -17,6 +18,13 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from psycopg import sql
+
+from recupdate_workloads.contract.env import DSN_ENV
+from recupdate_workloads.contract.serve import deploy_config, serve_application, user_config
+from recupdate_workloads.store import registry as reg
+from recupdate_workloads.store.db import Store, connect, migrate, resolve_dsn
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -44,7 +52,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def release_user_config(release: Any, schema: str, **extra: Any) -> dict[str, Any]:
     """The Serve user_config of a registry release."""
-    from recupdate_workloads.contract.serve import user_config
 
     if release.table_version is None:
         raise ValueError(f"release {release.release_id} has no transition table")
@@ -53,7 +60,6 @@ def release_user_config(release: Any, schema: str, **extra: Any) -> dict[str, An
 
 def discover_schema(conn: Any) -> str:
     """The only schema of the store holding an active release."""
-    from psycopg import sql
 
     rows = conn.execute(
         "SELECT table_schema FROM information_schema.tables WHERE table_name = 'releases' ORDER BY 1"
@@ -105,11 +111,7 @@ def _release_info(base_url: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recupdate_workloads.contract.env import DSN_ENV
-    from recupdate_workloads.contract.serve import deploy_config, serve_application
     from recupdate_workloads.serving import deployment as sv
-    from recupdate_workloads.store import registry as reg
-    from recupdate_workloads.store.db import Store, connect, migrate, resolve_dsn
 
     dsn, _server = resolve_dsn(args.dsn, Path(args.store_dir) / "pg")
     conn = connect(dsn)
@@ -149,8 +151,6 @@ def run(args: argparse.Namespace) -> int:
 
     base_url = f"http://{args.host}:{args.port}"
     if args.throughput_optimized:
-        import os
-
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by every Serve process the local Ray starts
     started = sv.ensure_local_ray(num_cpus=args.num_cpus, temp_dir=args.ray_temp_dir, log_to_driver=True)
     app = serve_application(
