@@ -7,6 +7,7 @@ JSON use camelCase (the alias); Python code uses snake_case (populate_by_name).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zoneinfo
 from datetime import datetime, timedelta
@@ -379,14 +380,29 @@ class PolicySpec(CamelModel):
     history: HistorySpec = Field(default_factory=HistorySpec, description="How much history is kept.")
 
 
+# A policy name that maps to its default schema by '-' -> '_' alone (what every name mapped to before schemas
+# had owners, kept so that existing policies keep their data).
+_PLAIN_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
 def schema_name(policy_name: str, spec: PolicySpec | None = None) -> str:
-    """The store schema of a policy: spec.store.schema, else the name as a PostgreSQL identifier."""
+    """The store schema of a policy: spec.store.schema, else the name as a PostgreSQL identifier.
+
+    A plain name (a letter, then letters, digits and '-'; at most 63) maps by '-' -> '_', one-to-one since a
+    Kubernetes name has no '_'. Any other name (with '.', a leading digit, longer than 63) would lose
+    information, so it maps to '_' + the sanitised name (cut to fit) + '_' + 8 hex digits of its SHA-256: the
+    leading '_' keeps these apart from plain names, the hash keeps 'a.b' and 'a-b', or two long names with
+    one prefix, apart. The namespace is not part of the name (that would move every existing policy's data):
+    two namespaces' policies of one name map to one schema, and the schema's owner record refuses the second
+    (registry.Registry.claim). workloads' store.db.schema_for is the same function (they never import us).
+    """
     if spec is not None and spec.store.db_schema:
         return spec.store.db_schema
-    name = re.sub(r"[^a-z0-9_]", "_", policy_name.lower())
-    if not name or not (name[0].isalpha() or name[0] == "_"):
-        name = "p_" + name
-    return name[:63]
+    if _PLAIN_NAME.match(policy_name):
+        return policy_name.replace("-", "_")
+    stem = re.sub(r"[^a-z0-9]+", "_", policy_name.lower()).strip("_")[:53]
+    digest = hashlib.sha256(policy_name.encode()).hexdigest()[:8]
+    return f"_{stem}_{digest}" if stem else f"_{digest}"
 
 
 # ---------------------------------------------------------------------------------------------------------

