@@ -7,7 +7,6 @@ JSON use camelCase (the alias); Python code uses snake_case (populate_by_name).
 
 from __future__ import annotations
 
-import re
 import zoneinfo
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -27,6 +26,7 @@ from recupdate_workloads.contract.labels import LABEL_GENERATION as LABEL_GENERA
 from recupdate_workloads.contract.labels import LABEL_KIND as LABEL_KIND
 from recupdate_workloads.contract.labels import LABEL_POLICY as LABEL_POLICY
 from recupdate_workloads.contract.labels import LABEL_RUN_ID as LABEL_RUN_ID
+from recupdate_workloads.contract.registry import default_schema
 from recupdate_workloads.contract.serve import APP_NAME, DEPLOYMENT_NAME
 
 VERSION = "v1alpha1"
@@ -370,14 +370,15 @@ class PolicySpec(CamelModel):
     history: HistorySpec = Field(default_factory=HistorySpec, description="How much history is kept.")
 
 
+# A policy name that maps to its default schema by '-' -> '_' alone (what every name mapped to before schemas
+# had owners, kept so that existing policies keep their data).
+
+
 def schema_name(policy_name: str, spec: PolicySpec | None = None) -> str:
-    """The store schema of a policy: spec.store.schema, else the name as a PostgreSQL identifier."""
+    """The store schema of a policy: spec.store.schema, else the default for its name (contract.registry)."""
     if spec is not None and spec.store.db_schema:
         return spec.store.db_schema
-    name = re.sub(r"[^a-z0-9_]", "_", policy_name.lower())
-    if not name or not (name[0].isalpha() or name[0] == "_"):
-        name = "p_" + name
-    return name[:63]
+    return default_schema(policy_name)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from .registry import Registry, StoreSettings
 
 log = logging.getLogger("recupdate.local")
 DAY = 86_400
+LOCAL_UID = "local"  # the uid local mode records as its schema's owner (a policy here has no metadata.uid)
 
 
 def load_policy(path: str | Path) -> tuple[str, str, PolicySpec, dict[str, Any]]:
@@ -88,11 +89,15 @@ class LocalRun:
         from recupdate_workloads.data.synthetic import SyntheticSpec
         from recupdate_workloads.store import catalogue as cat
         from recupdate_workloads.store.db import open_store
+        from recupdate_workloads.store.owner import Owner
 
         from .api import schema_name
 
         self.schema = schema_name(self.name, self.spec)
-        self.store = open_store(self.schema, data_dir=self.workdir / "pg")
+        # Claimed before the catalogue and interactions are written: another policy's schema is refused
+        # (SchemaOwnedError, a ValueError: `recupdate local` reports it and exits 2).
+        owner = Owner(self.namespace, self.name, LOCAL_UID)
+        self.store = open_store(self.schema, data_dir=self.workdir / "pg", owner=owner, adopt=True)
         source = self.args.data or self.spec.data.interactions
         self.data = load(source, synthetic=SyntheticSpec(n_interactions=self.args.interactions, seed=self.args.seed))
         log.info("data %s: %s", self.data.name, self.data.report.summary())
@@ -187,8 +192,8 @@ class LocalRun:
         probe = Probe(period=int(parse_duration(self.args.report_period).total_seconds()))
         static: dict[tuple[int, int], list[int]] | None = None
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "stop", True))
-        policy = Policy(self.name, self.namespace, self.spec, 1, {}, sim0)
-        ref = PolicyRef(self.name, self.namespace, "local", self.spec, 1)
+        policy = Policy(self.name, self.namespace, self.spec, 1, {}, sim0, uid=LOCAL_UID)
+        ref = PolicyRef(self.name, self.namespace, LOCAL_UID, self.spec, 1)
         last_probe = int(now.timestamp())
         t_start = time.monotonic()
         while not self.stop:

@@ -1,10 +1,12 @@
 """The release registry in the Postgres store, as the controller sees it (docs/architecture.md).
 
-Plain SQL through psycopg against the tables of workloads/recupdate_workloads/store/migrations/001_registry.sql,
-schema-qualified (one schema per policy, api.schema_name); the operator never imports the workloads. It reads
-runs and releases into a planner.RegistryView, and writes only what the controller decides: run outcomes the
-workload could not record, activation (one transaction: retire the active release, activate the new one),
-rejection and pruning.
+Plain SQL through psycopg against the tables of workloads/recupdate_workloads/store/migrations/ (001_registry,
+002_policy_owner), schema-qualified (one schema per policy, api.schema_name); the operator never imports the
+workloads. Every read first claims the schema for its policy (the policy_owner row: the first policy to use a
+schema owns it, and a policy that does not own it is refused by the planner). It reads runs and releases into
+a planner.RegistryView, and writes only what the controller decides: the claim, run outcomes the workload
+could not record, activation (one transaction: retire the active release, activate the new one), rejection
+and pruning.
 
 The DSN comes from the Secret of spec.store.secretRef (read with the kubernetes client, cached), else from the
 operator's own RECUPDATE_STORE_DSN. Errors become StoreError, whose message has been scrubbed of the DSN and
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import threading
@@ -32,13 +35,28 @@ from recupdate_workloads.contract import registry as contract_registry
 from .api import RunKind, RunResult, SecretKeyRef
 from .backends.base import PolicyRef
 from .events import SECRETS, redact
-from .planner import RecordRun, RegistryView, ReleaseView, RunView
+from .planner import RecordRun, RegistryView, ReleaseView, RunView, SchemaOwner, owner_conflict
 
 SECRET_TTL = 300.0  # seconds a DSN read from a Secret is reused
 CONNECT_TIMEOUT = 5
 STATEMENT_TIMEOUT_MS = 15_000
 MAX_IDLE_PER_DSN = 4
 RUNS_READ_LIMIT = 500  # the newest runs the planner sees (it needs in-flight and recent ones)
+# The workloads' migrations take this advisory lock (store/db.py): creating a schema and its owner table under
+# it never races a job that migrates the same schema.
+_MIGRATION_LOCK = 0x72656375
+# The owner table of workloads/recupdate_workloads/store/migrations/002_policy_owner.sql, the same definition
+# (a test compares the two): the operator claims a schema before any job has migrated it.
+_OWNER_TABLE = "policy_owner"
+_OWNER_DDL = (
+    "CREATE TABLE IF NOT EXISTS {} ("
+    " singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
+    " namespace text NOT NULL,"
+    " name text NOT NULL,"
+    " uid text NOT NULL DEFAULT '',"
+    " claimed_at timestamptz NOT NULL DEFAULT now(),"
+    " updated_at timestamptz NOT NULL DEFAULT now())"
+)
 _RESULT_STATUS = {RunResult.SUCCEEDED: "succeeded", RunResult.FAILED: "failed"}
 
 
@@ -241,18 +259,87 @@ class Registry:
     def _t(schema: str, table: str) -> sql.Composable:
         return sql.Identifier(schema, table)
 
+    # -- ownership -----------------------------------------------------------------------------------------
+
+    def claim(self, policy: PolicyRef) -> SchemaOwner:
+        """Claim the policy's schema unless a policy owns it already; return its owner as recorded now.
+
+        The first policy to use a schema owns it: its policy_owner row is inserted (ON CONFLICT DO NOTHING,
+        then read back, so two claimants never both win), creating the schema and the table when no job has
+        yet. The same namespace/name with another uid (the policy was deleted and created again) adopts the
+        schema: the uid is updated and previous_uid says so. Any other owner is returned as it is, for the
+        planner to refuse this policy. Raises StoreError."""
+        table = self._t(policy.schema, _OWNER_TABLE)
+        select = sql.SQL("SELECT namespace, name, uid FROM {}").format(table)
+        with self._conn(policy) as conn:
+            row = self._owner_row(conn, select)
+            if row is None:
+                row = self._insert_owner(conn, policy, select)
+            owner = SchemaOwner(*row)
+            if owner_conflict(owner, policy.namespace, policy.name, policy.schema) or not policy.uid:
+                return owner
+            if owner.uid == policy.uid:
+                return owner
+            try:
+                conn.execute(
+                    sql.SQL("UPDATE {} SET uid = %s, updated_at = now() WHERE namespace = %s AND name = %s").format(
+                        table
+                    ),
+                    (policy.uid, policy.namespace, policy.name),
+                )
+            except psycopg.Error as exc:
+                raise StoreError(f"store error: {_pg_message(exc)}") from None
+            # An unknown uid (claimed by a run config without one) is filled in; a different one is adopted.
+            return SchemaOwner(policy.namespace, policy.name, policy.uid, previous_uid=owner.uid)
+
+    @staticmethod
+    def _owner_row(conn: psycopg.Connection, select: sql.Composed) -> tuple[str, str, str] | None:
+        try:
+            row = conn.execute(select).fetchone()
+        except psycopg.Error as exc:
+            if _is_missing_relation(exc):
+                return None
+            raise StoreError(f"store error: {_pg_message(exc)}") from None
+        return (str(row[0]), str(row[1]), str(row[2])) if row else None
+
+    def _insert_owner(self, conn: psycopg.Connection, policy: PolicyRef, select: sql.Composed) -> tuple[str, str, str]:
+        s = policy.schema
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                # Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even when it exists.
+                if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (s,)).fetchone() is None:
+                    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(s)))
+                conn.execute(sql.SQL(_OWNER_DDL).format(self._t(s, _OWNER_TABLE)))
+                conn.execute(
+                    sql.SQL("INSERT INTO {} (namespace, name, uid) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING").format(
+                        self._t(s, _OWNER_TABLE)
+                    ),
+                    (policy.namespace, policy.name, policy.uid),
+                )
+                row = conn.execute(select).fetchone()
+        except psycopg.Error as exc:
+            raise StoreError(f"store error: {_pg_message(exc)}") from None
+        assert row is not None  # inserted, or held by whoever inserted first
+        return str(row[0]), str(row[1]), str(row[2])
+
     # -- reads ---------------------------------------------------------------------------------------------
 
     def read(self, policy: PolicyRef) -> RegistryView:
-        """Runs and releases of the policy's schema, in one consistent snapshot. Never raises: an error gives
-        RegistryView(error=<scrubbed message>). A schema no job has created yet reads as empty."""
+        """Claim the schema (see claim), then read its runs and releases in one consistent snapshot. Never
+        raises: an error gives RegistryView(error=<scrubbed message>). A schema no job has migrated yet reads
+        as empty. A schema another policy owns is not read: RegistryView(owner=<that policy>) only."""
+        owner: SchemaOwner | None = None
         try:
-            return self._read(policy)
+            owner = self.claim(policy)
+            if owner_conflict(owner, policy.namespace, policy.name, policy.schema):
+                return RegistryView(owner=owner)
+            return dataclasses.replace(self._read(policy), owner=owner)
         except StoreError as exc:
             return RegistryView(error=str(exc))
         except psycopg.Error as exc:
             if _is_missing_relation(exc):
-                return RegistryView()
+                return RegistryView(owner=owner)
             return RegistryView(error=f"store error: {_pg_message(exc)}")
 
     def _read(self, policy: PolicyRef) -> RegistryView:

@@ -25,7 +25,7 @@ of schedules in seconds.
 
 Finalizers: none of ours. Children (RayJobs, the RayService) carry ownerReferences to the policy and are
 garbage-collected with it; the registry's schema outlives the policy on purpose (it is data, and a re-created
-policy resumes from it). A standalone operator (the default) uses no kopf daemon or timer (either makes kopf
+policy of the same namespace and name resumes from it, adopting its owner record). A standalone operator (the default) uses no kopf daemon or timer (either makes kopf
 put a finalizer on every policy) and no change handler (on.create/on.update store progress in annotations on
 every change; events do not need that). With peering (several replicas), kopf tells only daemons when this
 operator must pause for a peer, so then a do-nothing daemon per policy gates the scheduler, and kopf adds its
@@ -37,7 +37,9 @@ with exponential backoff; a failing action (API or store) stops the plan there, 
 plan's decisions and only turns Degraded=True (ReconcileFailed), and the retry recomputes the same decisions
 (planner.py's contract). Reconciles are not kopf handlers, so kopf.TemporaryError would mean nothing to them:
 the scheduler's backoff plays its part. A bad spec is the planner's to report (SpecValid=False and a Warning
-Event); nothing here raises on it. Messages are scrubbed of secrets (events.redact).
+Event); nothing here raises on it. So is a store schema that another policy owns (the registry read claims
+the schema first, and the planner refuses a policy that is not its owner: SpecValid=False, SchemaInUse).
+Messages are scrubbed of secrets (events.redact).
 
 Status writes: only when the status changes; a change of the Fresh message alone (it states the evidence's
 age) is written at most hourly, so an idle policy costs about one API request an hour.

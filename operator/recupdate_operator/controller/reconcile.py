@@ -301,6 +301,7 @@ class Controller:
             generation=int(meta.get("generation") or 1),
             annotations=dict(meta.get("annotations") or {}),
             creation_timestamp=parse_time(meta.get("creationTimestamp")),
+            uid=str(meta.get("uid") or ""),
         )
         with entry.lock:
             entry.reconciled_sig = _sig(body)
@@ -313,7 +314,7 @@ class Controller:
             ref = PolicyRef(key[1], key[0], str(meta.get("uid") or ""), spec, policy.generation)
             jobs = self._jobs(key)
             assert self.registry is not None
-            view = self.registry.read(ref)
+            view = self.registry.read(ref)  # claims the schema first: another policy's gives SpecValid=False
             service = self._service(key)
             status_in = self._check_serving(key, entry, spec, status_in, service)
 
@@ -379,7 +380,7 @@ class Controller:
 
         def on_event(event: Event) -> None:
             post(body, event)
-            if event.reason == "InvalidSpec":
+            if event.reason in ("InvalidSpec", "SchemaInUse"):
                 metrics.RECONCILE_ERRORS.labels("spec").inc()
 
         def on_action(action: Any) -> None:  # after each action succeeded: metrics and bookkeeping

@@ -32,6 +32,8 @@ from .inputs import (
     RegistryView,
     ReleaseView,
     RunView,
+    SchemaOwner,
+    owner_conflict,
 )
 from .naming import config_hash, gates_verdict, parse_run_name, run_config, run_name
 
@@ -55,9 +57,11 @@ __all__ = [
     "RollServe",
     "Rollback",
     "RunView",
+    "SchemaOwner",
     "StopServe",
     "config_hash",
     "gates_verdict",
+    "owner_conflict",
     "parse_run_name",
     "plan",
     "run_config",

@@ -54,7 +54,7 @@ from .actions import (
     RollServe,
     StopServe,
 )
-from .inputs import JOB_APPEAR_GRACE, NOT_A_FAULT, ObservedJob, Policy, RegistryView, ReleaseView
+from .inputs import JOB_APPEAR_GRACE, NOT_A_FAULT, ObservedJob, Policy, RegistryView, ReleaseView, owner_conflict
 from .naming import _fmt, config_hash, gates_verdict, parse_run_name, run_config, run_name
 
 
@@ -170,6 +170,23 @@ class _Planner:
                 self.event("Warning", "InvalidSpec", message)
             self.condition(ConditionType.SPEC_VALID, False, "InvalidSpec", message)
             return None
+        # Another policy's schema: refused like an invalid spec, so nothing is launched, recorded or served.
+        schema = schema_name(self.policy.name, spec)
+        owner = self.registry.owner
+        conflict = owner_conflict(owner, self.policy.namespace, self.policy.name, schema)
+        if conflict is not None:
+            old = get_condition(self.s.conditions, ConditionType.SPEC_VALID)
+            if old is None or old.status != ConditionStatus.FALSE or old.message != conflict:
+                self.event("Warning", "SchemaInUse", conflict)
+            self.condition(ConditionType.SPEC_VALID, False, "SchemaInUse", conflict)
+            return None
+        if owner is not None and owner.previous_uid:
+            self.event(
+                "Normal",
+                "SchemaAdopted",
+                f"store schema {schema!r} was owned by an earlier {owner.namespace}/{owner.name} "
+                f"(uid {owner.previous_uid}); this policy carries on with its releases",
+            )
         self.condition(ConditionType.SPEC_VALID, True, "Valid", "")
         return spec
 
@@ -533,6 +550,7 @@ class _Planner:
             run_id,
             scheduled_at,
             self._active_id(active),
+            self.policy.uid,
         )
         self.actions.append(LaunchRun(kind, run_id, run_id, config, self.policy.generation, scheduled_at, attempt))
         ref = RunRef(

@@ -35,6 +35,7 @@ class Policy:
     generation: int = 1
     annotations: Mapping[str, str] = field(default_factory=dict)
     creation_timestamp: datetime | None = None
+    uid: str = ""  # metadata.uid: passed to jobs (policyUid) so they check the schema's owner
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,39 @@ class ReleaseView:
 
 
 @dataclass(frozen=True)
+class SchemaOwner:
+    """The policy the store records as the owner of the schema (its policy_owner row). previous_uid is set
+    when this read adopted the schema for a re-created policy (same namespace/name, new uid)."""
+
+    namespace: str
+    name: str
+    uid: str = ""
+    previous_uid: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}" + (f" (uid {self.uid})" if self.uid else "")
+
+
+def owner_conflict(owner: SchemaOwner | None, namespace: str, name: str, schema: str) -> str | None:
+    """Why policy namespace/name may not use `schema`, owned by `owner`; None when it may (it owns it, or the
+    owner is unknown). A policy's identity is its namespace/name: a re-created one adopts its schema."""
+    if owner is None or (owner.namespace, owner.name) == (namespace, name):
+        return None
+    return (
+        f"store schema {schema!r} belongs to policy {owner}; a schema holds one policy's data. Delete this policy "
+        "and create it again with spec.store.schema set to a schema of its own (docs/install.md, Store schemas)"
+    )
+
+
+@dataclass(frozen=True)
 class RegistryView:
-    """What the store says. error is set (and the rest empty) when the store could not be read."""
+    """What the store says. error is set (and the rest empty) when the store could not be read. owner: who
+    owns the schema (None: not known, e.g. no claim was made); a policy that is not the owner gets no plan."""
 
     runs: Sequence[RunView] = ()
     releases: Sequence[ReleaseView] = ()
     error: str | None = None
+    owner: SchemaOwner | None = None
 
     def run(self, run_id: str) -> RunView | None:
         return next((r for r in self.runs if r.run_id == run_id), None)

@@ -85,12 +85,14 @@ def run_config(
     run_id: str,
     scheduled_at: datetime,
     active_release: str | None,
+    uid: str = "",
 ) -> dict[str, Any]:
     """The entrypoint's --config (docs/architecture.md): the relevant spec sections in camelCase, plus
 
-    runId, kind, policy, namespace, storeSchema, activeRelease (the release serving at launch: the
-    adapter a refresh infers with, and the baseline of the regression gate, or null), and
-    window {start, end} (RFC 3339, [start, end)): the data window ending at the scheduled time.
+    runId, kind, policy, namespace, policyUid (the job refuses a schema another policy owns), storeSchema,
+    activeRelease (the release serving at launch: the adapter a refresh infers with, and the baseline of the
+    regression gate, or null), and window {start, end} (RFC 3339, [start, end)): the data window ending at
+    the scheduled time.
     """
     length = parse_duration(spec.fine_tune.window if kind == RunKind.FINETUNE else spec.retrieval.window)
     end = scheduled_at.astimezone(UTC)
@@ -98,6 +100,7 @@ def run_config(
         "runId": run_id,
         "activeRelease": active_release,
         "window": {"start": iso(end - length), "end": iso(end)},
+        "policyUid": uid,  # not in _config_inputs: a re-created policy's runs answer the same question
         **_config_inputs(policy, namespace, spec, kind),
     }
 

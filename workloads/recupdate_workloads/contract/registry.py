@@ -1,4 +1,4 @@
-"""The activation transaction on a policy schema's ``releases`` table, for the operator and the workloads.
+"""The store schema of a policy, and the activation transaction on its ``releases`` table, for both sides.
 
 At most one release per schema is active (a partial unique index enforces it), so activation retires the
 active release and activates the new one in one transaction. The caller opens that transaction on its own
@@ -7,6 +7,8 @@ connection (psycopg or any DB-API connection with ``execute``); this module hold
 
 from __future__ import annotations
 
+import hashlib
+import re
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -49,3 +51,23 @@ def activate(conn: _Executes, schema: str, release_id: str, now: datetime | None
         (now, release_id),
     )
     return True
+
+
+_PLAIN_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+def default_schema(policy_name: str) -> str:
+    """A policy's store schema when its spec names none: the policy name as a PostgreSQL identifier.
+
+    A plain name (a letter, then letters, digits and '-'; at most 63) maps by '-' -> '_', one-to-one since a
+    Kubernetes name has no '_'. Any other name (with '.', a leading digit, longer than 63) would lose
+    information, so it maps to '_' + the sanitised name (cut to fit) + '_' + 8 hex digits of its SHA-256: the
+    leading '_' keeps these apart from plain names, the hash keeps 'a.b' and 'a-b', or two long names with
+    one prefix, apart. The namespace is not part of the name (that would move every existing policy's data):
+    two namespaces' policies of one name map to one schema, and the schema's owner record refuses the second
+    (docs/install.md, "Store schemas and their owners")."""
+    if _PLAIN_NAME.match(policy_name):
+        return policy_name.replace("-", "_")
+    stem = re.sub(r"[^a-z0-9]+", "_", policy_name.lower()).strip("_")[:53]
+    digest = hashlib.sha256(policy_name.encode()).hexdigest()[:8]
+    return f"_{stem}_{digest}" if stem else f"_{digest}"

@@ -1,5 +1,6 @@
 """The entrypoints' --config (docs/architecture.md), as the controller writes it: the policy's relevant spec
-sections in camelCase, plus runId, kind, storeSchema, activeRelease and the data window [start, end).
+sections in camelCase, plus runId, kind, storeSchema, activeRelease and the data window [start, end), and the
+policy's identity (policy, namespace, policyUid): the schema's owner a job checks before it writes.
 
 Parsed here with plain defaults (workloads never import the operator's models; the two share only this
 contract). Unknown keys are ignored so an older workload image accepts a newer controller's config.
@@ -11,10 +12,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recupdate_workloads.contract.durations import parse_seconds
 from recupdate_workloads.contract.timefmt import epoch_seconds
+
+if TYPE_CHECKING:
+    from recupdate_workloads.store.owner import Owner
 
 
 @dataclass
@@ -46,6 +50,9 @@ class RunConfig:
     executor: str = "ray"
     storage: str = ".recupdate/artifacts"
     model_size: str = "small"
+    policy: str = ""
+    namespace: str = ""
+    policy_uid: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -95,8 +102,21 @@ class RunConfig:
             executor=c.get("executor") or os.environ.get("RECUPDATE_EXECUTOR", "ray"),
             storage=c.get("storage") or os.environ.get("RECUPDATE_STORAGE", ".recupdate/artifacts"),
             model_size=c.get("modelSize") or os.environ.get("RECUPDATE_MODEL_SIZE", "small"),
+            policy=str(c.get("policy") or ""),
+            namespace=str(c.get("namespace") or ""),
+            policy_uid=str(c.get("policyUid") or ""),
             raw=c,
         )
+
+    @property
+    def owner(self) -> Owner | None:
+        """The policy the run is for, as the schema's owner must be; None when the config does not say (a
+        hand-written config): then no ownership check."""
+        from recupdate_workloads.store.owner import Owner  # the store package imports psycopg
+
+        if not self.policy:
+            return None
+        return Owner(self.namespace or "default", self.policy, self.policy_uid)
 
     @property
     def holdout_start(self) -> int:

@@ -32,6 +32,7 @@ from recupdate_workloads.store import evidence as ev
 from recupdate_workloads.store import registry as reg
 from recupdate_workloads.store import tables
 from recupdate_workloads.store.db import Store, open_store
+from recupdate_workloads.store.owner import SchemaOwnedError
 
 log = logging.getLogger("recupdate.jobs")
 TABLE_TOP_N = 10
@@ -278,7 +279,15 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = RunConfig.parse(args.config, args.run_id)
-    store = open_store(cfg.store_schema, data_dir=args.store_dir)
+    if cfg.owner is None:
+        log.warning("the config names no policy: the owner of schema %s is not checked", cfg.store_schema)
+    try:
+        # Checks (and claims) the schema's owner before anything is written: another policy's schema is
+        # refused, with no run row, snapshot or release in it.
+        store = open_store(cfg.store_schema, data_dir=args.store_dir, owner=cfg.owner)
+    except SchemaOwnedError as exc:
+        log.error("run %s refused, nothing written: %s", cfg.run_id, exc)
+        return 1
     try:
         rel = (run_finetune if kind == "finetune" else run_refresh)(store, cfg)
     except Exception as exc:  # the run row says failed with the reason; exit non-zero

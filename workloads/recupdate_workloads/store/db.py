@@ -19,6 +19,8 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from recupdate_workloads.contract.env import DSN_ENV
+from recupdate_workloads.contract.registry import default_schema
+from recupdate_workloads.store.owner import Owner, check_owner, claim_owner, read_owner
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MIGRATION_LOCK = 0x72656375  # advisory lock key: concurrent migrators serialise instead of racing
@@ -32,9 +34,8 @@ def check_schema(schema: str) -> str:
 
 
 def schema_for(policy_name: str) -> str:
-    """A policy's default schema: its name, made a valid identifier."""
-    s = re.sub(r"[^a-z0-9_]", "_", policy_name.lower())
-    return check_schema(s if s[:1].isalpha() or s[:1] == "_" else f"p_{s}"[:63])
+    """A policy's default schema (contract.registry.default_schema), checked as an identifier."""
+    return check_schema(default_schema(policy_name))
 
 
 def embedded_server(data_dir: str | Path, persistent: bool = True) -> Any:
@@ -112,11 +113,31 @@ def migrate(conn: psycopg.Connection, schema: str) -> list[str]:
     return applied
 
 
-def open_store(schema: str, dsn: str | None = None, data_dir: str | Path | None = None) -> Store:
-    """Connect (starting the embedded server if no DSN is configured) and migrate the schema."""
+def open_store(
+    schema: str,
+    dsn: str | None = None,
+    data_dir: str | Path | None = None,
+    *,
+    owner: Owner | None = None,
+    adopt: bool = False,
+) -> Store:
+    """Connect (starting the embedded server if no DSN is configured) and migrate the schema.
+
+    With `owner`, the schema must be that policy's (store/owner.py): its recorded owner is checked before
+    anything is written (not even a migration), and an unowned schema is claimed. SchemaOwnedError otherwise.
+    adopt: the same namespace/name with another uid takes the schema over (local mode, like the operator)."""
+    check_schema(schema)
     dsn, server = resolve_dsn(dsn, data_dir)
     conn = connect(dsn)
-    migrate(conn, schema)
+    try:
+        if owner is not None:
+            check_owner(schema, read_owner(conn, schema), owner, adopt=adopt)
+        migrate(conn, schema)
+        if owner is not None:
+            claim_owner(conn, schema, owner, adopt=adopt)
+    except BaseException:
+        conn.close()
+        raise
     return Store(dsn=dsn, schema=schema, conn=conn, server=server)
 
 
