@@ -21,26 +21,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interactions", type=int, default=100_000, help="size of the synthetic stream")
     p.add_argument("--executor", default="ray", choices=["ray", "inline"], help="fine-tunes on Ray Train or inline")
     p.add_argument("--port", type=int, default=8000, help="port of /recommend while the demo runs")
+    p.add_argument("--data", default=None, help="replay this source instead: movielens:PATH or table:I,ITEMS[,C]")
 
 
 def run(args: argparse.Namespace) -> int:
     from recupdate_operator.cli import main
 
     shutil.rmtree(args.workdir, ignore_errors=True)  # a demo starts from scratch; `recupdate local` resumes
-    return main(
-        [
-            "local",
-            "-f",
-            str(POLICY),
-            "--simulate",
-            args.simulate,
-            "--interactions",
-            str(args.interactions),
-            "--workdir",
-            args.workdir,
-            "--executor",
-            args.executor,
-            "--port",
-            str(args.port),
-        ]
-    )
+    argv = ["local", "-f", str(POLICY), "--simulate", args.simulate, "--interactions", str(args.interactions)]
+    argv += ["--workdir", args.workdir, "--executor", args.executor, "--port", str(args.port)]
+    if args.data:
+        argv += ["--data", args.data]
+    return main(argv)

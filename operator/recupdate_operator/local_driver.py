@@ -93,14 +93,16 @@ class LocalRun:
 
         from .api import schema_name
 
+        # The data first: a bad source is one clear error (DataError, a ValueError) before any store starts,
+        # and load() refuses a source without a usable row (the clock starts from the data's first timestamp).
+        source = self.args.data or self.spec.data.interactions
+        self.data = load(source, synthetic=SyntheticSpec(n_interactions=self.args.interactions, seed=self.args.seed))
+        log.info("data %s: %s", self.data.name, self.data.report.summary())
         self.schema = schema_name(self.name, self.spec)
         # Claimed before the catalogue and interactions are written: another policy's schema is refused
         # (SchemaOwnedError, a ValueError: `recupdate local` reports it and exits 2).
         owner = Owner(self.namespace, self.name, LOCAL_UID)
         self.store = open_store(self.schema, data_dir=self.workdir / "pg", owner=owner, adopt=True)
-        source = self.args.data or self.spec.data.interactions
-        self.data = load(source, synthetic=SyntheticSpec(n_interactions=self.args.interactions, seed=self.args.seed))
-        log.info("data %s: %s", self.data.name, self.data.report.summary())
         if not len(cat.load_catalogue(self.store)[0]):
             cat.save_catalogue(self.store, self.data.catalogue, self.data.log.item_cluster)
         self.triples = triples(self.data.log, self.spec.data.positive_threshold)
@@ -320,7 +322,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     clock = p.add_mutually_exclusive_group()
     clock.add_argument("--simulate", default=None, help="simulate this span (e.g. 90d), jumping between wake-ups")
     clock.add_argument("--speed", type=float, default=1.0, help="real clock times this (3600: an hour per second)")
-    p.add_argument("--data", default=None, help="override spec.data.interactions: synthetic or movielens:PATH")
+    p.add_argument("--data", default=None,
+                   help="override spec.data.interactions: synthetic, movielens:PATH or table:I,ITEMS[,C]")  # fmt: skip
     p.add_argument("--interactions", type=int, default=100_000, help="size of the synthetic stream")
     p.add_argument("--seed", type=int, default=7, help="synthetic seed")
     p.add_argument("--warmup", default="180d", help="history already in the store when the clock starts")

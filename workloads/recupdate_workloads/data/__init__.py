@@ -1,5 +1,6 @@
 """Interaction data: the canonical log, the cluster catalogue, loaders and the synthetic drift generator."""
 
+from recupdate_workloads.data.errors import DataError
 from recupdate_workloads.data.types import (
     Catalogue,
     Cluster,
@@ -10,4 +11,13 @@ from recupdate_workloads.data.types import (
     normalize_name,
 )
 
-__all__ = ["Catalogue", "Cluster", "InteractionLog", "PairEvidence", "Successor", "Triples", "normalize_name"]
+__all__ = [
+    "Catalogue",
+    "Cluster",
+    "DataError",
+    "InteractionLog",
+    "PairEvidence",
+    "Successor",
+    "Triples",
+    "normalize_name",
+]

@@ -15,6 +15,9 @@ from recupdate_workloads.data.types import InteractionLog, Triples
 CONTEXT_LENGTH = 2
 #: successor_counts counts densely up to this many (c1, c2, c_next) keys (8 bytes each), else sorts.
 DENSE_COUNT_LIMIT = 1 << 24
+#: period_edges refuses more periods than this: their number comes from data values (a timestamp span), so
+#: without a bound one far-off timestamp would allocate without limit.
+MAX_PERIODS = 100_000
 
 
 def collapsed_sequences(
@@ -99,10 +102,21 @@ def successor_counts(t: Triples, n_clusters: int) -> tuple[np.ndarray, np.ndarra
     return c1.astype(np.int32), c2.astype(np.int32), nxt.astype(np.int32), counts.astype(np.int64)
 
 
-def period_edges(start: int, end: int, period: int) -> list[int]:
-    """Boundaries start, start+period, ... up to and including the first boundary >= end."""
+def period_count(start: int, end: int, period: int) -> int:
+    """How many periods of `period` seconds from `start` it takes to reach `end` (at least one)."""
     if period <= 0:
         raise ValueError("period must be positive")
-    edges = list(range(start, end, period))
-    edges.append(edges[-1] + period if edges else start + period)
-    return edges
+    return max(1, -(-(end - start) // period))
+
+
+def period_edges(start: int, end: int, period: int) -> list[int]:
+    """Boundaries start, start+period, ... up to and including the first boundary >= end.
+
+    ValueError (not an allocation proportional to the span) when that is more than MAX_PERIODS periods."""
+    n = period_count(start, end, period)
+    if n > MAX_PERIODS:
+        raise ValueError(
+            f"the data spans {n} periods of {period}s (from {start} to {end}), more than {MAX_PERIODS}: "
+            "use a longer period"
+        )
+    return [start + i * period for i in range(n + 1)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,21 +58,27 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(names) - set(BASELINES + LLM_STRATEGIES)
     if unknown:
         raise SystemExit(f"unknown strategies: {', '.join(sorted(unknown))}")
-    ds = load(
-        args.data, clusters=args.clusters, synthetic=SyntheticSpec(n_interactions=args.interactions, seed=args.seed)
-    )
-    print(f"data {ds.name}: {ds.report.summary()}; {len(ds.catalogue)} clusters")
-    period = parse_seconds(args.period)
+    try:  # bad data (DataError), a bad duration, too short a span: one line and exit 2, before any store starts
+        ds = load(
+            args.data, clusters=args.clusters, synthetic=SyntheticSpec(n_interactions=args.interactions, seed=args.seed)
+        )
+        print(f"data {ds.name}: {ds.report.summary()}; {len(ds.catalogue)} clusters")
+        period = parse_seconds(args.period)
+        window = parse_seconds(args.window) if args.window else period
+        t = triples(ds.log, args.threshold)
+        _check_span(t, period, args.train_periods, ds.name)
+    except ValueError as exc:
+        print(f"recupdate replay: {exc}", file=sys.stderr)
+        return 2
     config = rp.ReplayConfig(
         period=period,
         train_periods=args.train_periods,
-        window=parse_seconds(args.window) if args.window else period,
+        window=window,
         threshold=args.threshold,
         min_support=args.min_support,
         scoring=args.scoring,
         bootstrap=args.bootstrap,
     )
-    t = triples(ds.log, args.threshold)
     with tempfile.TemporaryDirectory(prefix="recupdate-replay-") as tmp:
         store = open_store("replay", data_dir=args.store_dir or Path(tmp) / "pg")
         try:
@@ -90,6 +97,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {rp.write_json(result, out / 'results.json')}")
     print(f"plot:    {rp.plot(result, out / 'hr5.png')}")
     return 0
+
+
+def _check_span(t: Any, period: int, train_periods: int, name: str) -> None:
+    """The checks replay() makes, made before the store starts (ValueError, one line)."""
+    from recupdate_workloads.data.sequences import period_edges
+
+    if not len(t):
+        raise ValueError(f"data {name}: no triples (is --threshold right for this data?)")
+    edges = period_edges(int(t.ts.min()), int(t.ts.max()) + 1, period)  # bounded: ValueError past MAX_PERIODS
+    if len(edges) - 1 <= train_periods:
+        raise ValueError(
+            f"data {name} spans {len(edges) - 1} periods of {period}s; need more than --train-periods={train_periods}"
+        )
 
 
 def build_strategies(names: list[str], args: argparse.Namespace, workdir: Path, store: Any) -> list[Any]:
