@@ -739,7 +739,9 @@ def max_body_bytes(environ: Mapping[str, str] | None = None) -> int:
 
 def _error_body(message: str, errors: list[dict[str, Any]]) -> bytes:
     # The texts are cleaned of lone surrogates (_text); backslashreplace is the net should one slip through.
-    body = json.dumps({"message": message, "detail": errors}, ensure_ascii=False, allow_nan=False)
+    body = json.dumps(
+        {"message": message, "detail": errors}, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+    )
     return body.encode("utf-8", "backslashreplace")
 
 
