@@ -426,7 +426,7 @@ def run_server(http: str) -> None:
 
 
 @pytest.fixture(params=["httptools", "h11"])
-def server(request: pytest.FixtureRequest) -> Iterator[tuple[int, int]]:
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int, int]]:
     tests = str(Path(__file__).parent)
     code = (
         f"import sys; sys.path.insert(0, {tests!r}); import test_hardening_http as t; t.run_server({request.param!r})"
@@ -448,7 +448,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[tuple[int, int]]:
                 pass
             assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
             time.sleep(0.05)
-        yield port, proc.pid
+        yield request.param, port, proc.pid
     finally:
         proc.kill()
         proc.wait()
@@ -497,8 +497,8 @@ def _during(action: Callable[[], None], conn: http.client.HTTPConnection, min_pr
     return lat
 
 
-def test_healthz_stays_fast_while_big_bodies_are_refused(server: tuple[int, int]) -> None:
-    port, pid = server
+def test_healthz_stays_fast_while_big_bodies_are_refused(server: tuple[str, int, int]) -> None:
+    impl, port, pid = server
     big = _nested_empty_objects(20 * 1024 * 1024)  # the report's 20 MB of nested {}
     worst = [  # the slowest bodies within the limit (~20 ms each to parse): empty lists, many keys
         b'{"x": [' + b",".join([b"[]"] * ((MAX_BODY_BYTES - 10) // 3)) + b"]}",
@@ -539,11 +539,12 @@ def test_healthz_stays_fast_while_big_bodies_are_refused(server: tuple[int, int]
     answered = [x for x in statuses if isinstance(x, tuple)]
     assert len(refused) == 4 and all(isinstance(x, str) and x.startswith("HTTP/1.1 413") for x in refused), refused
     assert len(answered) == 12 and all(code == 422 and size <= MAX_ERROR_BODY_BYTES for code, size in answered)
-    # The old code stalled /healthz for the whole ~20 s the 20 MB body took (a probe times out after 5 s). Each
-    # request's median probe and 9 probes in 10 under 100 ms; the max has slack for a busy machine and for h11,
-    # which drains the refused rest of a body in Python (~100 ms for 20 MB; httptools: a few ms).
+    # The old code stalled /healthz for the whole ~20 s the 20 MB body took (a probe times out after 5 s).
+    # Each request's median probe under 100 ms, and with httptools (what uvicorn[standard] and Ray Serve's proxy
+    # run) every probe but one (slack for a busy machine). h11 drains the refused rest of a body in Python,
+    # which holds its loop up to ~110 ms per 20 MB: there the max has slack.
     assert max(statistics.median(lat) for lat in refusing) < 0.1, refusing
-    assert flat[int(len(flat) * 0.9)] < 0.1 and flat[-1] < 1.0, flat[-5:]
+    assert (flat[-2] if impl == "httptools" else flat[len(flat) // 2]) < 0.1 and flat[-1] < 1.0, flat[-5:]
     # Within the limit a request may hold the loop for its parse (~20 ms here), never much longer.
     assert max(statistics.median(lat) for lat in within) < 0.1 and max(max(lat) for lat in within) < 1.0
     assert grew < 60, grew  # the old code: ~1 GB for the 20 MB body
