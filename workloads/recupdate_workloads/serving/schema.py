@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 from pydantic_core import PydanticCustomError
 
 log = logging.getLogger("recupdate.serving")
 
 MAX_RECENT = 100
 MAX_N = 100
+_MAX_KEYS = 16  # keys a /recommend body may have before it gets one error for them all
 
 
 def _cluster_ref(v: Any) -> int | str:
@@ -45,6 +46,18 @@ class RecommendRequest(BaseModel):
         ),
     )
     n: int = Field(10, ge=1, le=MAX_N, description=f"How many clusters to return, 1..{MAX_N}.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_keys(cls, data: Any) -> Any:
+        # One error for a body of many keys, not one per unknown key (building 100k errors takes seconds).
+        if isinstance(data, dict) and len(data) > _MAX_KEYS:
+            raise PydanticCustomError(
+                "too_many_keys",
+                "the body has {count} keys; /recommend takes only {fields}",
+                {"count": len(data), "fields": ", ".join(cls.model_fields)},
+            )
+        return data
 
 
 Source = Literal["model", "evidence", "popular"]
