@@ -28,6 +28,8 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 from psycopg import sql
 
 from recupdate_workloads.contract import registry as contract_registry
@@ -78,8 +80,6 @@ class SecretReader:
     """Reads one key of a Secret with the kubernetes client; caches values for `ttl` seconds."""
 
     def __init__(self, api_client: Any, ttl: float = SECRET_TTL, clock: Callable[[], float] = time.monotonic) -> None:
-        from kubernetes import client
-
         self.api = client.CoreV1Api(api_client)
         self.ttl = ttl
         self.clock = clock
@@ -92,8 +92,6 @@ class SecretReader:
             hit = self._cache.get(key)
         if hit is not None and hit[1] > self.clock():
             return hit[0]
-        from kubernetes.client.exceptions import ApiException
-
         where = f"Secret {namespace}/{ref.name}"
         try:
             # rbac: "" secrets get

@@ -10,7 +10,7 @@ from typing import Any
 
 from recupdate_workloads.contract.durations import parse_seconds
 from recupdate_workloads.data.loaders import load
-from recupdate_workloads.data.sequences import triples
+from recupdate_workloads.data.sequences import period_edges, triples
 from recupdate_workloads.data.synthetic import SyntheticSpec
 from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store.db import open_store
@@ -101,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_span(t: Any, period: int, train_periods: int, name: str) -> None:
     """The checks replay() makes, made before the store starts (ValueError, one line)."""
-    from recupdate_workloads.data.sequences import period_edges
 
     if not len(t):
         raise ValueError(f"data {name}: no triples (is --threshold right for this data?)")

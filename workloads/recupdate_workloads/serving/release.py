@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from psycopg import sql
 
 from recupdate_workloads.contract.serve import UserConfig
 from recupdate_workloads.data.types import Catalogue, Cluster, PairEvidence, Successor
 from recupdate_workloads.serving.schema import UnknownClusters
+from recupdate_workloads.store.db import Store, check_schema, connect
+from recupdate_workloads.store.evidence import EvidenceParams, borrow_for
+from recupdate_workloads.store.registry import get_release
+from recupdate_workloads.store.tables import load_table
 
 log = logging.getLogger("recupdate.serving")
 
@@ -140,9 +145,6 @@ class Loaded:
             return self.evidence_cache[key]
         if self.store is None:
             return None
-        from psycopg import sql
-
-        from recupdate_workloads.store.evidence import EvidenceParams, borrow_for
 
         with self.db_lock, self.store.tx() as c:
             rows = c.execute(
@@ -276,9 +278,6 @@ def load_release(cfg: UserConfig, environ: Mapping[str, str] | None = None) -> L
     release unservable: no DSN, no catalogue, an unpublished table, a table naming unknown clusters, an
     adapter that does not load."""
     from recupdate_workloads.model.prompt import prompt_hash
-    from recupdate_workloads.store.db import Store, check_schema, connect
-    from recupdate_workloads.store.registry import get_release
-    from recupdate_workloads.store.tables import load_table
 
     t0 = time.perf_counter()
     env = os.environ if environ is None else environ
