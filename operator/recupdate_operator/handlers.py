@@ -80,7 +80,7 @@ from .backends.base import Backend, BackendError, PolicyRef, ServingStatus
 from .backends.kuberay import RAY_GROUP, RAY_VERSION, RAYJOBS, RAYSERVICES, KubeRayBackend, observed_job, owner_key
 from .backends.kuberay import serving_status_of as _serving_status_of
 from .conditions import get_condition, set_condition
-from .events import post, redact
+from .events import post, redact, redact_data
 from .planner import (
     Event,
     LaunchRun,
@@ -707,6 +707,7 @@ class Controller:
             entry.served_at = self.clock()
 
     def _write_status(self, key: Key, entry: _Entry, body: Mapping[str, Any], status: dict[str, Any]) -> None:
+        status = redact_data(status)  # every condition message, whatever produced it (a job's error, the store)
         current = _normalized_status(body.get("status"))
         if current == status:
             return

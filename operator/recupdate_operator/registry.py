@@ -1,10 +1,10 @@
 """The release registry in the Postgres store, as the controller sees it (DESIGN.md section 4).
 
 Plain SQL through psycopg against the tables of workloads/recupdate_workloads/store/migrations/001_registry.sql,
-schema-qualified (one schema per policy, api.schema_name); the operator never imports the workloads. It reads
-runs and releases into a planner.RegistryView, and writes only what the controller decides: run outcomes the
-workload could not record, activation (one transaction: retire the active release, activate the new one),
-rejection and pruning.
+schema-qualified (one schema per policy, api.schema_name); the operator never imports the workloads, except
+their standard-library contract package. It reads runs and releases into a planner.RegistryView, and writes
+only what the controller decides: run outcomes the workload could not record, activation (one transaction:
+retire the active release, activate the new one), rejection and pruning.
 
 The DSN comes from the Secret of spec.store.secretRef (read with the kubernetes client, cached), else from the
 operator's own RECUPDATE_STORE_DSN. Errors become StoreError, whose message has been scrubbed of the DSN and

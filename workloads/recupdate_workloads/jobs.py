@@ -181,7 +181,7 @@ def run_finetune(store: Store, cfg: RunConfig) -> reg.Release:
         reg.finish_run(store, cfg.run_id, "succeeded", cost)
         return rel
     except BaseException as exc:
-        reg.finish_run(store, cfg.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        reg.finish_run(store, cfg.run_id, "failed", error=f"{type(exc).__name__}: {exc}")  # redacted there
         raise
 
 
@@ -209,7 +209,7 @@ def run_refresh(store: Store, cfg: RunConfig) -> reg.Release:
         reg.finish_run(store, cfg.run_id, "succeeded", cost)
         return rel
     except BaseException as exc:
-        reg.finish_run(store, cfg.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        reg.finish_run(store, cfg.run_id, "failed", error=f"{type(exc).__name__}: {exc}")  # redacted there
         raise
 
 
@@ -217,6 +217,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     """`python -m recupdate_workloads.<finetune|refresh> --config <json or file> --run-id <id>`."""
     import argparse
 
+    from recupdate_workloads.contract.redact import redact_logs
     from recupdate_workloads.store.db import DSN_ENV, open_store
 
     p = argparse.ArgumentParser(prog=f"python -m recupdate_workloads.{kind}", description=__doc__.split("\n")[0])
@@ -225,8 +226,13 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     p.add_argument("--store-dir", default=None, help=f"embedded PostgreSQL dir when {DSN_ENV} is unset")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logs()  # the job's log (local mode's jobs/*.log, a RayJob's logs) must not show the DSN either
     cfg = RunConfig.parse(args.config, args.run_id)
-    store = open_store(cfg.store_schema, data_dir=args.store_dir)
+    try:
+        store = open_store(cfg.store_schema, data_dir=args.store_dir)
+    except Exception as exc:  # a traceback would print libpq's error unredacted, which may quote the DSN
+        log.error("run %s: cannot open the store: %s", cfg.run_id, f"{type(exc).__name__}: {exc}")
+        return 1
     try:
         rel = (run_finetune if kind == "finetune" else run_refresh)(store, cfg)
     except Exception as exc:  # the run row says failed with the reason; exit non-zero

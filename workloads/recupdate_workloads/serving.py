@@ -50,6 +50,7 @@ __all__ = [
     "serve_application",
     "serve_config",
     "shutdown",
+    "shutdown_local_ray",
     "user_config",
     "wait_for_release",
     "wait_for_rollout",
@@ -102,11 +103,18 @@ def build_app(args: dict[str, Any]) -> Any:
 
 
 def ensure_local_ray(num_cpus: int = 2, temp_dir: str | None = None, log_to_driver: bool = False) -> bool:
-    """Connect to Ray unless connected: RAY_ADDRESS when set, else a fresh local one sized for small machines
-    (RECIPES.md "Ray on 2 cores"). Returns True when this call started it."""
+    """Connect to Ray unless connected: RAY_ADDRESS when set, else a fresh local one sized for small machines,
+    in a temp dir private to this user (train_loop.ensure_ray). Returns True when this call started it."""
     from recupdate_workloads.train_loop import ensure_ray
 
     return ensure_ray(num_cpus, temp_dir, log_to_driver)
+
+
+def shutdown_local_ray() -> None:
+    """Stop Ray and, when this process started it, remove its session directory (its logs)."""
+    from recupdate_workloads.train_loop import shutdown_ray
+
+    shutdown_ray()
 
 
 def _client() -> Any:

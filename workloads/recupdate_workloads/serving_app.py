@@ -42,10 +42,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 from pydantic_core import PydanticCustomError
 
+from recupdate_workloads.contract.redact import redact, redact_logs, register
+from recupdate_workloads.contract.secret_file import file_env, secret_from_env
 from recupdate_workloads.data.types import Catalogue, Cluster, PairEvidence, Successor
 from recupdate_workloads.serving_config import DSN_ENV
 
 log = logging.getLogger("recupdate.serving")
+redact_logs(log)  # a load error may quote the DSN (libpq does), and tracebacks repeat it
 
 MAX_RECENT = 100
 MAX_N = 100
@@ -394,9 +397,10 @@ def load_release(cfg: UserConfig, environ: Mapping[str, str] | None = None) -> L
 
     t0 = time.perf_counter()
     env = os.environ if environ is None else environ
-    dsn = env.get(cfg.dsn_env)
+    dsn = secret_from_env(cfg.dsn_env, env)
     if not dsn:
-        raise RuntimeError(f"${cfg.dsn_env} is not set in the replica (runtime_env.env_vars)")
+        raise RuntimeError(f"neither ${cfg.dsn_env} nor ${file_env(cfg.dsn_env)} is set in the replica")
+    register(dsn)  # before connecting: libpq's errors may quote the DSN or parts of its password
     store = Store(dsn=dsn, schema=check_schema(cfg.store_schema), conn=connect(dsn))
     warnings: list[str] = []
     try:
@@ -552,13 +556,14 @@ class RecommenderService:
                     with _short_gil_slices():  # requests keep being answered while the loader thread runs
                         new = await asyncio.to_thread(self.loader, cfg)
             except Exception as exc:
+                error = redact(f"{type(exc).__name__}: {exc}")  # shown by /release, /healthz and logs
                 if gen == self._generation:
-                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.last_error = error
                 log.error(
                     "reconfigure to %s failed; still serving %s: %s",
                     user_config.get("release_id"),
                     old.release_id if old else None,
-                    f"{type(exc).__name__}: {exc}",
+                    error,
                     exc_info=not isinstance(exc, (LookupError, ValueError)),
                 )
                 return False
@@ -599,7 +604,7 @@ class RecommenderService:
             "warnings": list(b.warnings) if b else [],
             "loading": self.loading,
             "last_reconfigure_failed": self.last_error is not None,
-            "last_reconfigure_error": self.last_error,
+            "last_reconfigure_error": redact(self.last_error) if self.last_error is not None else None,
             "last_reconfigure_target": (self.last_attempt or {}).get("release_id"),
             "last_reconfigure_at": (
                 datetime.fromtimestamp(self.last_attempt_at, UTC).isoformat() if self.last_attempt_at else None

@@ -74,9 +74,9 @@ def serve_application(
     replicas Serve updates them one at a time and the others keep serving, so the awaited load (and Serve's
     status reflecting it) is kept. ``access_log=False`` turns off Serve's per-request access log lines.
 
-    ``env_vars`` are merged into ``runtime_env.env_vars``; production passes the store DSN there as
-    ``RECUPDATE_STORE_DSN`` (on Kubernetes it usually comes from a Secret on the Ray pods instead; then pass
-    nothing). ``num_cpus`` is per replica: local mode gives replicas a fraction of a CPU so Ray Train and
+    ``env_vars`` are merged into ``runtime_env.env_vars``. Ray logs a runtime_env, so never pass the DSN
+    itself there: on Kubernetes it comes from a Secret on the Ray pods (pass nothing); locally pass
+    ``RECUPDATE_STORE_DSN_FILE``, the path of a private file holding it (contract.secret_file). ``num_cpus`` is per replica: local mode gives replicas a fraction of a CPU so Ray Train and
     refresh jobs still fit on a small machine."""
     missing = [k for k in USER_CONFIG_KEYS if k not in user_config]
     if missing:

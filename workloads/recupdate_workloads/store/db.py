@@ -18,6 +18,8 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
+from recupdate_workloads.contract.redact import register as register_secret
+
 DSN_ENV = "RECUPDATE_STORE_DSN"
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MIGRATION_LOCK = 0x72656375  # advisory lock key: concurrent migrators serialise instead of racing
@@ -55,7 +57,9 @@ def resolve_dsn(dsn: str | None = None, data_dir: str | Path | None = None) -> t
 
 
 def connect(dsn: str, autocommit: bool = True) -> psycopg.Connection:
-    """A connection with the vector type registered (the extension must exist: see ensure_extension)."""
+    """A connection with the vector type registered (the extension must exist: see ensure_extension). The DSN
+    is registered as a secret first: libpq's errors may quote it, or parts of its password."""
+    register_secret(dsn)
     conn = psycopg.connect(dsn, autocommit=autocommit)
     ensure_extension(conn)
     register_vector(conn)
