@@ -399,7 +399,7 @@ def load_release(cfg: UserConfig, environ: Mapping[str, str] | None = None) -> L
     env = os.environ if environ is None else environ
     dsn = secret_from_env(cfg.dsn_env, env)
     if not dsn:
-        raise RuntimeError(f"neither ${cfg.dsn_env} nor ${file_env(cfg.dsn_env)} is set in the replica")
+        raise RuntimeError(f"${cfg.dsn_env} is not set in the replica (nor ${file_env(cfg.dsn_env)}, a file with it)")
     register(dsn)  # before connecting: libpq's errors may quote the DSN or parts of its password
     store = Store(dsn=dsn, schema=check_schema(cfg.store_schema), conn=connect(dsn))
     warnings: list[str] = []

@@ -275,9 +275,24 @@ class _Compiled:
             return False
         if any(frag in p for p in self.passwords) or self.dsn_fragment(frag):
             return True
-        if self.grams and any(frag[i : i + SHARED] in self.grams for i in range(len(frag) - SHARED + 1)):
+        # Otherwise the fragment must be mostly password: a quoted path or name that merely shares a few
+        # characters with one (a password with "ecre" in it, a traceback's "/srv/secrets/...") is no echo.
+        need = max(SHARED, len(frag) // 2)
+        if self.grams and self._shared_run(frag) >= need:
             return True
-        return bool(self.fragment_pieces and self.fragment_pieces.search(frag))
+        return bool(self.fragment_pieces and any(len(m[0]) >= need // 2 for m in self.fragment_pieces.finditer(frag)))
+
+    def _shared_run(self, frag: str) -> int:
+        """The longest run of ``frag`` that is part of a password."""
+        best = 0
+        for i in range(len(frag) - SHARED + 1):
+            if frag[i : i + SHARED] not in self.grams:
+                continue
+            j = i + SHARED
+            while j < len(frag) and any(frag[i : j + 1] in p for p in self.passwords):
+                j += 1
+            best = max(best, j - i)
+        return best
 
     def dsn_fragment(self, frag: str) -> bool:
         """Whether ``frag`` (as quoted, or unescaped: psycopg quotes with repr) is a piece of a registered DSN
