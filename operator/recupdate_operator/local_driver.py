@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from recupdate_workloads.contract.redact import redact, redact_data, redact_logs
+
 from .api import PolicySpec, PolicyStatus, parse_duration
 from .apply import apply_plan
 from .backends.base import PolicyRef
@@ -167,13 +169,20 @@ class LocalRun:
     # -- the loop ------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        from recupdate_workloads.serving.deployment import ensure_local_ray
-
-        from .backends.local import LocalBackend
+        from recupdate_workloads.serving.deployment import ensure_local_ray, shutdown_local_ray
 
         self._open()
-        ensure_local_ray(num_cpus=self.args.cpus)
+        started = ensure_local_ray(num_cpus=self.args.cpus)
+        try:
+            return self._run()
+        finally:
+            if started:
+                shutdown_local_ray()  # and remove its session directory: Ray never removes its logs
+
+    def _run(self) -> int:
         import ray
+
+        from .backends.local import LocalBackend
 
         ray_address = ray.get_runtime_context().gcs_address
         now = self._clock_start()
@@ -187,7 +196,7 @@ class LocalRun:
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
         backend = LocalBackend(self.store.dsn, self.workdir, env=env, port=self.args.port, clock=lambda: self.now,
                                fail_runs=tuple(self.args.fail_run or ()))  # fmt: skip
-        registry = Registry(None, StoreSettings(default_dsn=self.store.dsn))
+        registry = Registry(None, StoreSettings(default_dsn=self.store.dsn))  # registers the DSN as a secret
         status: dict[str, Any] = {}
         if self.status_file.exists():
             status = json.loads(self.status_file.read_text()).get("status") or {}
@@ -226,12 +235,14 @@ class LocalRun:
         print()
         self._report(probe, time.monotonic() - t_start)
         registry.close()
+        backend.close()
         return 0 if probe.failures == 0 else 1
 
     def _event(self, e: Event) -> None:
         now = self.now
-        self.timeline.append({"time": now.isoformat(), "event": e.reason, "message": e.message, "type": e.type})
-        log.info("%s %s %s: %s", now.isoformat(), e.type, e.reason, e.message)
+        message = redact(e.message)  # e.g. a run's error, a store error: they may quote the DSN
+        self.timeline.append({"time": now.isoformat(), "event": e.reason, "message": message, "type": e.type})
+        log.info("%s %s %s: %s", now.isoformat(), e.type, e.reason, message)
 
     def _action(self, action: Any) -> None:
         if isinstance(action, RollServe):
@@ -239,7 +250,8 @@ class LocalRun:
 
     def _write_status(self, status: dict[str, Any], now: datetime) -> None:
         tmp = self.status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"localClock": now.isoformat(), "status": status}, indent=2, default=str))
+        doc = {"localClock": now.isoformat(), "status": redact_data(status)}  # masked before JSON escapes it
+        tmp.write_text(json.dumps(doc, indent=2, default=str))
         tmp.replace(self.status_file)
 
     def _status_line(self, p: Plan, now: datetime, probe: Probe) -> None:
@@ -294,7 +306,7 @@ class LocalRun:
         print(f"\nrequests to /recommend: {probe.requests}, failed: {probe.failures}; took {seconds / 60:.1f} min")
         if rows:
             print(f"plot: {self._plot(rows)}")
-        (self.workdir / "timeline.json").write_text(json.dumps(self.timeline, indent=2))
+        (self.workdir / "timeline.json").write_text(json.dumps(redact_data(self.timeline), indent=2))
 
     def _plot(self, rows: list[tuple[int, float, float, int]]) -> Path:
         import matplotlib
@@ -343,6 +355,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logs()
     try:
         return LocalRun(args).run()
     except ValueError as exc:

@@ -2,7 +2,7 @@
 
 Plain SQL through psycopg against the tables of workloads/recupdate_workloads/store/migrations/ (001_registry,
 002_policy_owner), schema-qualified (one schema per policy, api.schema_name); the operator never imports the
-workloads. Every read first claims the schema for its policy (the policy_owner row: the first policy to use a
+workloads, except their contract package (standard library and pydantic). Every read first claims the schema for its policy (the policy_owner row: the first policy to use a
 schema owns it, and a policy that does not own it is refused by the planner). It reads runs and releases into
 a planner.RegistryView, and writes only what the controller decides: the claim, run outcomes the workload
 could not record, activation (one transaction: retire the active release, activate the new one), rejection

@@ -5,6 +5,10 @@ Jobs are the same workload entrypoints KubeRay would run (`python -m recupdate_w
 PostgreSQL store. Serving is a local Ray Serve application deployed through Serve's deploy path, with the
 same Serve config the operator puts into a RayService (base.serve_config), so a roll is a reconfigure.
 
+The DSN reaches jobs through their process environment and Serve replicas through a private file
+(``<workdir>/secrets/store-dsn``, 0600, named by RECUPDATE_STORE_DSN_FILE): Ray logs a deployment's
+runtime_env, so the DSN itself is never put there.
+
 The store is the source of truth for finished runs: a restarted `recupdate local` observes earlier runs from
 the registry (a run still marked running whose process is gone is reported failed), so it never repeats one.
 """
@@ -26,6 +30,7 @@ from psycopg import sql
 
 from recupdate_workloads.contract import entrypoints
 from recupdate_workloads.contract.env import DSN_ENV
+from recupdate_workloads.contract.secret_file import file_env, remove, write_private
 
 from ..api import RunKind
 from ..planner import LaunchRun, ObservedJob
@@ -152,10 +157,17 @@ class LocalBackend:
 
     # -- serving -------------------------------------------------------------------------------------------
 
+    @property
+    def dsn_file(self) -> Path:
+        return self.workdir / "secrets" / "store-dsn"
+
     def _config(self, policy: PolicyRef, user_config: Mapping[str, Any]) -> dict[str, Any]:
         cfg = serve_config(policy.spec, user_config)
+        dsn_file = str(write_private(self.dsn_file, self.dsn))
         for app in cfg["applications"]:
-            app.setdefault("runtime_env", {}).setdefault("env_vars", {})[DSN_ENV] = self.dsn
+            env_vars = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env_vars.pop(DSN_ENV, None)  # Ray would log it (runtime_env_agent.log); replicas read the file
+            env_vars[file_env(DSN_ENV)] = dsn_file
             for dep in app["deployments"]:
                 dep["ray_actor_options"] = {"num_cpus": LOCAL_REPLICA_CPUS}
         return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": self.port}, **cfg}
@@ -179,6 +191,11 @@ class LocalBackend:
 
             serve.delete(policy.spec.serving.application_name)
         self._served = None
+        remove(self.dsn_file)
+
+    def close(self) -> None:
+        """Remove the DSN file (at the end of a local run; a later deploy writes it again)."""
+        remove(self.dsn_file)
 
     def serving_status(self, policy: PolicyRef) -> ServingStatus | None:
         if self._served is None:

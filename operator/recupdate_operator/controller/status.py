@@ -25,6 +25,7 @@ from ..api import (
 )
 from ..backends.base import BackendError
 from ..conditions import set_condition
+from ..events import redact_data
 from .config import AGE_MESSAGE_REFRESH_SECONDS, REQUEST_TIMEOUT, Key
 
 log = logging.getLogger("recupdate.operator")
@@ -110,6 +111,7 @@ class StatusWriteThrough:
             return entry.body
 
     def write(self, key: Key, entry: _Entry, body: Mapping[str, Any], status: dict[str, Any]) -> None:
+        status = redact_data(status)  # every condition message, whatever produced it (a job's error, the store)
         current = _normalized_status(body.get("status"))
         if current == status:
             return

@@ -9,5 +9,7 @@ torch, no Ray) and the workloads (no kopf, no kubernetes) can share them:
 - ``durations``   the duration grammar of the policy spec and the job configs
 - ``labels``      labels and annotations on policies and their children
 - ``timefmt``     how times are written and read (RFC 3339, UTC)
-- ``registry``    the activation transaction on the store's ``releases`` table
+- ``registry``    the default store schema of a policy, and the activation transaction on ``releases``
+- ``redact``      the one redaction of secrets (DSN passwords) for every message that leaves a process
+- ``secret_file`` secrets handed to other processes in private files, never through logged settings
 """

@@ -129,8 +129,11 @@ def serve_application(
     status reflecting it) is kept. None leaves the key out (the replica's default). ``access_log=False``
     turns off Serve's per-request access log lines.
 
-    ``env_vars`` are merged into ``runtime_env.env_vars``. ``num_cpus`` is per replica: local mode gives
-    replicas a fraction of a CPU so Ray Train and refresh jobs still fit on a small machine."""
+    ``env_vars`` are merged into ``runtime_env.env_vars``. Ray logs a runtime_env, so never pass the DSN
+    itself there: on Kubernetes it comes from a Secret on the Ray pods (pass nothing); locally pass
+    ``RECUPDATE_STORE_DSN_FILE``, the path of a private file holding it (contract.secret_file). ``num_cpus``
+    is per replica: local mode gives replicas a fraction of a CPU so Ray Train and refresh jobs still fit on a
+    small machine."""
     if replicas < 0:
         raise ValueError("replicas must be >= 0")
     uc = normalize_user_config(user_config)

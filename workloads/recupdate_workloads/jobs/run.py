@@ -20,6 +20,7 @@ import numpy as np
 
 from recupdate_workloads.contract import entrypoints
 from recupdate_workloads.contract.env import DSN_ENV
+from recupdate_workloads.contract.redact import redact_logs
 from recupdate_workloads.data import evidence as evidence_mem
 from recupdate_workloads.data.sequences import triples as to_triples
 from recupdate_workloads.data.types import Catalogue, Triples
@@ -199,7 +200,8 @@ class _Run:
             self.cost["wallSeconds"] = self.wall_seconds()
             reg.finish_run(self.store, self.cfg.run_id, "succeeded", self.cost)
         else:
-            reg.finish_run(self.store, self.cfg.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            # finish_run redacts, then cuts (cutting first could leave half a password).
+            reg.finish_run(self.store, self.cfg.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def _training_cost(run: _Run, cfg: RunConfig, tm: dict[str, Any], examples: int) -> dict[str, Any]:
@@ -278,6 +280,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     p.add_argument("--store-dir", default=None, help=f"embedded PostgreSQL dir when {DSN_ENV} is unset")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logs()  # the job's log (local mode's jobs/*.log, a RayJob's logs) must not show the DSN either
     cfg = RunConfig.parse(args.config, args.run_id)
     if cfg.owner is None:
         log.warning("the config names no policy: the owner of schema %s is not checked", cfg.store_schema)
@@ -287,6 +290,9 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         store = open_store(cfg.store_schema, data_dir=args.store_dir, owner=cfg.owner)
     except SchemaOwnedError as exc:
         log.error("run %s refused, nothing written: %s", cfg.run_id, exc)
+        return 1
+    except Exception as exc:  # a traceback would print libpq's error unredacted, which may quote the DSN
+        log.error("run %s: cannot open the store: %s", cfg.run_id, f"{type(exc).__name__}: {exc}")
         return 1
     try:
         rel = (run_finetune if kind == "finetune" else run_refresh)(store, cfg)

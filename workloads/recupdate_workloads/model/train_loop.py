@@ -19,9 +19,12 @@ Loss is on the answer tokens only, with logits computed only at the answer posit
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,8 +40,10 @@ __all__ = [
     "curate",
     "ensure_ray",
     "load_adapter",
+    "private_ray_temp_dir",
     "run_inline",
     "run_ray",
+    "shutdown_ray",
     "train_loop_per_worker",
 ]
 
@@ -221,30 +226,94 @@ def run_inline(config: dict[str, Any]) -> TrainResult:
     return TrainResult(str(out), metrics)
 
 
+_local_session: str | None = None  # the session directory of the local Ray this process started
+
+
 def default_ray_temp_dir() -> str:
-    # Short: Ray's socket paths must stay under ~107 characters.
-    return os.path.join(tempfile.gettempdir(), "recupdate-ray")
+    # Short (Ray's socket paths must stay under ~107 characters), inside a directory of this user only.
+    return os.path.join(tempfile.gettempdir(), f"recupdate-{os.getuid()}", "ray")
+
+
+def _make_private(d: Path) -> None:
+    """``d`` as a 0700 directory of this user: created so, or an existing one tightened; never one that
+    belongs to someone else (or is a link), who could read what Ray writes there."""
+    with contextlib.suppress(FileExistsError):
+        d.mkdir(mode=0o700)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise RuntimeError(f"{d} is not a directory of this user: Ray's files must be private to it")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(d, 0o700)
+
+
+def private_ray_temp_dir(base: str | None = None) -> str:
+    """The temp dir for a local Ray: ``<base>/ray``, where ``base`` (default /tmp/recupdate-<uid>) is made a
+    0700 directory of this user. Ray makes its own temp dir world-writable and its logs world-readable, and
+    sets 0777 again while it runs (when a runtime_env is set up), so the privacy comes from the enclosing
+    directory, which Ray never touches."""
+    ray_dir = Path(base).absolute() / "ray" if base else Path(default_ray_temp_dir())
+    ray_dir.parent.parent.mkdir(parents=True, exist_ok=True)
+    _make_private(ray_dir.parent)
+    ray_dir.mkdir(mode=0o700, exist_ok=True)
+    return str(ray_dir)
 
 
 def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None, log_to_driver: bool = True) -> bool:
     """Connect to Ray unless already connected: to the cluster in RAY_ADDRESS when set (production), else a
-    fresh local one sized for small machines. Returns True when this call started the connection."""
+    fresh local one sized for small machines, its files in a directory private to this user
+    (``private_ray_temp_dir``: ``temp_dir``/ray) and its session directory removed when it stops
+    (``shutdown_ray``, also at exit). Returns True when this call started the connection."""
     import ray
 
+    global _local_session
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
+        if _local_session is not None:  # an earlier local Ray of this process, stopped by ray.shutdown()
+            shutdown_ray()
+        temp = private_ray_temp_dir(temp_dir)
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
             include_dashboard=False,
             object_store_memory=256 << 20,
-            _temp_dir=temp_dir or default_ray_temp_dir(),
+            _temp_dir=temp,
             log_to_driver=log_to_driver,
         )
+        _local_session = _session_dir()
+        if _local_session is not None:
+            atexit.unregister(shutdown_ray)
+            atexit.register(shutdown_ray)  # runs before Ray's own atexit shutdown (registered earlier)
     return True
+
+
+def _session_dir() -> str | None:
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        return str(node.get_session_dir_path()) if node is not None else None
+    except Exception:  # a Ray without this private API: nothing to clean up
+        return None
+
+
+def shutdown_ray() -> None:
+    """Stop Ray; when this process started it (``ensure_ray``), also remove its session directory (logs,
+    sockets, runtime_env resources), which Ray leaves behind."""
+    import ray
+
+    global _local_session
+    ray.shutdown()
+    session, _local_session = _local_session, None
+    if session is None:
+        return
+    shutil.rmtree(session, ignore_errors=True)
+    latest = os.path.join(os.path.dirname(session), "session_latest")
+    if os.path.islink(latest) and os.path.realpath(latest) == os.path.realpath(session):
+        with contextlib.suppress(OSError):
+            os.unlink(latest)
 
 
 def run_ray(

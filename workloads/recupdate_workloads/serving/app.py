@@ -386,7 +386,7 @@ USER_CONFIG_ENV = "RECUPDATE_SERVE_USER_CONFIG"
 
 
 def create_app() -> FastAPI:
-    """The same app without Ray, for ``uvicorn --factory recupdate_workloads.serving_app:create_app``: the release
+    """The same app without Ray, for ``uvicorn --factory recupdate_workloads.serving.app:create_app``: the release
     comes from ``$RECUPDATE_SERVE_USER_CONFIG`` (a user_config as JSON) and loads at start-up."""
     from contextlib import asynccontextmanager
 

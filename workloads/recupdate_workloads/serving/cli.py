@@ -36,7 +36,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1, help="replicas of the recommender")
     p.add_argument("--replica-cpus", type=float, default=0.5, help="CPUs reserved per replica")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
-    p.add_argument("--ray-temp-dir", default=None, help="Ray's temp dir (keep it short: socket paths)")
+    p.add_argument(
+        "--ray-temp-dir",
+        default=None,
+        help="a private (0700) directory for Ray's files, in DIR/ray (keep it short: socket paths)",
+    )
     p.add_argument("--poll", type=float, default=5.0, help="seconds between registry polls")
     p.add_argument("--online-timeout-ms", type=float, default=None, help="time limit of online generation")
     p.add_argument("--no-access-log", action="store_true", help="no per-request access log lines from Serve")
@@ -111,6 +115,7 @@ def _release_info(base_url: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from recupdate_workloads.contract.secret_file import file_env, remove, write_private
     from recupdate_workloads.serving import deployment as sv
 
     dsn, _server = resolve_dsn(args.dsn, Path(args.store_dir) / "pg")
@@ -153,11 +158,13 @@ def run(args: argparse.Namespace) -> int:
     if args.throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by every Serve process the local Ray starts
     started = sv.ensure_local_ray(num_cpus=args.num_cpus, temp_dir=args.ray_temp_dir, log_to_driver=True)
+    # Replicas read the DSN from a private file: Ray logs a deployment's runtime_env, env_vars included.
+    dsn_file = write_private(Path(args.store_dir).absolute() / "secrets" / f"serve-dsn-{os.getpid()}", dsn)
     app = serve_application(
         release_user_config(rel, schema, **extra),
         args.replicas,
         num_cpus=args.replica_cpus,
-        env_vars={DSN_ENV: dsn},
+        env_vars={file_env(DSN_ENV): str(dsn_file)},
         access_log=not args.no_access_log,
     )
     config = deploy_config([app], host=args.host, port=args.port)
@@ -200,9 +207,8 @@ def run(args: argparse.Namespace) -> int:
             sv.shutdown()
         finally:
             if started:
-                import ray
-
-                ray.shutdown()
+                sv.shutdown_local_ray()  # and its session directory
+            remove(dsn_file)
             store.close()  # an embedded server started here is persistent: it stays up for the next command
     return 0
 

@@ -49,6 +49,7 @@ __all__ = [
     "roll",
     "serve_application",
     "shutdown",
+    "shutdown_local_ray",
     "user_config",
     "user_config_of",
     "wait_for_release",
@@ -102,11 +103,18 @@ def build_app(args: dict[str, Any]) -> Any:
 
 
 def ensure_local_ray(num_cpus: int = 2, temp_dir: str | None = None, log_to_driver: bool = False) -> bool:
-    """Connect to Ray unless connected: RAY_ADDRESS when set, else a fresh local one sized for small machines
-    (docs/architecture.md, "Ray on a small machine"). Returns True when this call started it."""
+    """Connect to Ray unless connected: RAY_ADDRESS when set, else a fresh local one sized for small machines,
+    in a temp dir private to this user (train_loop.ensure_ray). Returns True when this call started it."""
     from recupdate_workloads.model.train_loop import ensure_ray
 
     return ensure_ray(num_cpus, temp_dir, log_to_driver)
+
+
+def shutdown_local_ray() -> None:
+    """Stop Ray and, when this process started it, remove its session directory (its logs)."""
+    from recupdate_workloads.model.train_loop import shutdown_ray
+
+    shutdown_ray()
 
 
 def _client() -> Any:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from psycopg import sql
 
+from recupdate_workloads.contract.redact import register
+from recupdate_workloads.contract.secret_file import file_env, secret_from_env
 from recupdate_workloads.contract.serve import UserConfig
 from recupdate_workloads.data.types import Catalogue, Cluster, PairEvidence, Successor
 from recupdate_workloads.serving.schema import UnknownClusters
@@ -281,9 +283,10 @@ def load_release(cfg: UserConfig, environ: Mapping[str, str] | None = None) -> L
 
     t0 = time.perf_counter()
     env = os.environ if environ is None else environ
-    dsn = env.get(cfg.dsn_env)
+    dsn = secret_from_env(cfg.dsn_env, env)
     if not dsn:
-        raise RuntimeError(f"${cfg.dsn_env} is not set in the replica (runtime_env.env_vars)")
+        raise RuntimeError(f"${cfg.dsn_env} is not set in the replica (nor ${file_env(cfg.dsn_env)}, a file with it)")
+    register(dsn)  # before connecting: libpq's errors may quote the DSN or parts of its password
     store = Store(dsn=dsn, schema=check_schema(cfg.store_schema), conn=connect(dsn))
     warnings: list[str] = []
     try:

@@ -18,12 +18,14 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from recupdate_workloads.contract.redact import redact, redact_logs
 from recupdate_workloads.contract.serve import UserConfig
 from recupdate_workloads.data.types import PairEvidence
 from recupdate_workloads.serving.release import Loaded, _bounded_put, last_two_distinct, load_release, rank_online
 from recupdate_workloads.serving.schema import RecommendRequest
 
 log = logging.getLogger("recupdate.serving")
+redact_logs(log)  # a load error may quote the DSN (libpq does), and tracebacks repeat it
 
 
 @contextlib.contextmanager
@@ -127,13 +129,14 @@ class RecommenderService:
                     with _short_gil_slices():  # requests keep being answered while the loader thread runs
                         new = await asyncio.to_thread(self.loader, cfg)
             except Exception as exc:
+                error = redact(f"{type(exc).__name__}: {exc}")  # shown by /release, /healthz and logs
                 if gen == self._generation:
-                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.last_error = error
                 log.error(
                     "reconfigure to %s failed; still serving %s: %s",
                     user_config.get("release_id"),
                     old.release_id if old else None,
-                    f"{type(exc).__name__}: {exc}",
+                    error,
                     exc_info=not isinstance(exc, (LookupError, ValueError)),
                 )
                 return False
@@ -174,7 +177,7 @@ class RecommenderService:
             "warnings": list(b.warnings) if b else [],
             "loading": self.loading,
             "last_reconfigure_failed": self.last_error is not None,
-            "last_reconfigure_error": self.last_error,
+            "last_reconfigure_error": redact(self.last_error) if self.last_error is not None else None,
             "last_reconfigure_target": (self.last_attempt or {}).get("release_id"),
             "last_reconfigure_at": (
                 datetime.fromtimestamp(self.last_attempt_at, UTC).isoformat() if self.last_attempt_at else None

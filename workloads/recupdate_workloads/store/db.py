@@ -19,6 +19,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from recupdate_workloads.contract.env import DSN_ENV
+from recupdate_workloads.contract.redact import register as register_secret
 from recupdate_workloads.contract.registry import default_schema
 from recupdate_workloads.store.owner import Owner, check_owner, claim_owner, read_owner
 
@@ -57,7 +58,9 @@ def resolve_dsn(dsn: str | None = None, data_dir: str | Path | None = None) -> t
 
 
 def connect(dsn: str, autocommit: bool = True) -> psycopg.Connection:
-    """A connection with the vector type registered (the extension must exist: see ensure_extension)."""
+    """A connection with the vector type registered (the extension must exist: see ensure_extension). The DSN
+    is registered as a secret first: libpq's errors may quote it, or parts of its password."""
+    register_secret(dsn)
     conn = psycopg.connect(dsn, autocommit=autocommit)
     ensure_extension(conn)
     register_vector(conn)

@@ -12,9 +12,11 @@ from datetime import datetime
 from typing import Any
 
 from recupdate_workloads.contract import registry as contract_registry
+from recupdate_workloads.contract.redact import redact
 from recupdate_workloads.store.db import Store
 
 RELEASE_STATES = ("candidate", "active", "rejected", "retired")
+MAX_ERROR = 2000  # characters of runs.error
 
 
 @dataclass
@@ -65,8 +67,12 @@ def start_run(store: Store, run_id: str, kind: str) -> None:
 def finish_run(
     store: Store, run_id: str, status: str, cost: dict[str, Any] | None = None, error: str | None = None
 ) -> None:
+    """Record a run's outcome. ``error`` is redacted (a store error may quote the DSN) before it is cut to
+    MAX_ERROR characters (cut first, half a password would no longer be recognised)."""
     if status not in ("succeeded", "failed"):
         raise ValueError("status must be succeeded or failed")
+    if error is not None:
+        error = redact(error)[:MAX_ERROR]
     with store.tx() as c:
         c.execute(
             "UPDATE runs SET status = %s, finished_at = now(), cost = %s, error = %s WHERE run_id = %s",
