@@ -14,9 +14,11 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections import Counter
@@ -705,7 +707,9 @@ def test_ctrl_c_on_recupdate_local_leaves_no_job_running(tmp_path: Path) -> None
     policy = tmp_path / "policy.yaml"
     # Many epochs: the initial fine-tune must still run when the signal comes (a tiny model trains in seconds).
     policy.write_text(GOOD.replace("spec: {}", "spec: {fineTune: {hyperparameters: {epochs: 1000}}}"))
-    work = tmp_path / "w"
+    # Not under pytest's tmp dir: pytest keeps it 0700, and PostgreSQL runs as the `pgserver` user (as in
+    # tests/fixtures/store.py).
+    work = Path(tempfile.mkdtemp(prefix="recupdate-test-ctrl-c-")) / "w"
     cmd = [sys.executable, "-m", "recupdate_operator.cli", "local", "-f", str(policy), "--workdir", str(work),
            "--simulate", "30d", "--interactions", "3000", "--executor", "inline", "--model-size", "tiny",
            "--cpus", "1", "--no-status-line", "--port", str(_free_port())]  # fmt: skip
@@ -717,7 +721,9 @@ def test_ctrl_c_on_recupdate_local_leaves_no_job_running(tmp_path: Path) -> None
         while job_pid is None and time.monotonic() < deadline and proc.poll() is None:
             job_pid = _job_process(work)
             time.sleep(0.5)
-        assert job_pid is not None, "no fine-tune job started"
+        if job_pid is None:
+            out, err = proc.communicate(timeout=60) if proc.poll() is not None else ("", "still running")
+            raise AssertionError(f"no fine-tune job started (exit {proc.returncode}): {out[-2000:]} {err[-3000:]}")
         time.sleep(5)  # past its start-up: training
         assert _alive(job_pid), "the fine-tune job ended before the signal"
         proc.send_signal(signal.SIGINT)
@@ -736,6 +742,7 @@ def test_ctrl_c_on_recupdate_local_leaves_no_job_running(tmp_path: Path) -> None
 
         if (work / "pg").exists():
             pgserver.get_server(str((work / "pg").absolute()), cleanup_mode="stop").cleanup()
+        shutil.rmtree(work.parent, ignore_errors=True)
 
 
 def _free_port() -> int:
