@@ -7,16 +7,23 @@ JSON use camelCase (the alias); Python code uses snake_case (populate_by_name).
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import types
+import typing
 import zoneinfo
-from datetime import datetime, timedelta
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
 from croniter import croniter
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 # Contract names the API re-exports (the "X as X" form), so that operator code imports the API from one place.
+from recupdate_workloads.contract.durations import MAX_DURATION_SECONDS as MAX_DURATION_SECONDS
 from recupdate_workloads.contract.durations import SPEC_DURATION_PATTERN
 from recupdate_workloads.contract.durations import parse_duration as parse_duration
 from recupdate_workloads.contract.labels import ANNOTATION_APPROVE as ANNOTATION_APPROVE
@@ -28,6 +35,8 @@ from recupdate_workloads.contract.labels import LABEL_POLICY as LABEL_POLICY
 from recupdate_workloads.contract.labels import LABEL_RUN_ID as LABEL_RUN_ID
 from recupdate_workloads.contract.registry import default_schema
 from recupdate_workloads.contract.serve import APP_NAME, DEPLOYMENT_NAME
+
+from . import schedule
 
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -44,6 +53,10 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 DURATION_PATTERN = SPEC_DURATION_PATTERN
 DURATION_MAX_LENGTH = 10
 MIN_REFRESH_INTERVAL = timedelta(minutes=1)
+# The longest duration anywhere (contract.durations.MAX_DURATION_SECONDS, 10 years): it keeps every time the
+# planner derives (fire +/- window, staleness limits, deadlines) inside datetime's range. The CRD carries it
+# as a CEL rule (generate/crd.py), so the API server rejects what the planner could not schedule.
+MAX_DURATION = timedelta(seconds=MAX_DURATION_SECONDS)
 
 
 def _positive_duration(value: str) -> str:
@@ -60,18 +73,30 @@ Duration = Annotated[
 
 # Cron: five fields or a macro, like a Kubernetes CronJob (no seconds field, no CRON_TZ= prefix).
 CRON_PATTERN = r"^(@(annually|yearly|monthly|weekly|daily|midnight|hourly)|\S+( +\S+){4})$"
+# croniter's R (random) and H (hashed) fields: a random minute differs on every reconcile, so run ids (and
+# launches) would too. Also a CEL rule in the CRD; RE2 and Python read this pattern alike.
+CRON_RANDOM_PATTERN = r"(^|[ ,])[RrHh]([(/ ,]|$)"
+# Any fixed time: the Gregorian calendar repeats every 400 years, so an expression that fires once fires in
+# every window schedule.CRON_SEARCH_YEARS long, at any `now`, and one that never fires (Feb 30) fails here.
+_CRON_PROBE_FROM = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def _valid_cron(value: str) -> str:
+    if re.search(CRON_RANDOM_PATTERN, value):
+        raise ValueError(f"cron expression {value!r}: random (R) and hashed (H) fields are not supported")
     if not croniter.is_valid(value):
         raise ValueError(f"invalid cron expression {value!r}")
+    try:
+        schedule.next_cron_fire(value, _CRON_PROBE_FROM)
+    except (ValueError, OverflowError) as exc:  # croniter's CroniterBadDateError is a ValueError
+        raise ValueError(f"cron expression {value!r} never fires (e.g. February 30)") from exc
     return value
 
 
 def _valid_time_zone(value: str) -> str:
     try:
         zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+    except (KeyError, ValueError, OSError) as exc:  # not found, a bad key, or a path such as a directory
         raise ValueError(f"unknown time zone {value!r}") from exc
     return value
 
@@ -206,6 +231,7 @@ class FineTuneSpec(CamelModel):
     starting_deadline_seconds: int | None = Field(
         default=None,
         ge=0,
+        le=MAX_DURATION_SECONDS,
         description="A scheduled fine-tune that could not start within this many seconds of its time is "
         "skipped (like CronJob). Absent: a missed run starts late, whenever it can.",
     )
@@ -218,6 +244,7 @@ class FineTuneSpec(CamelModel):
     active_deadline_seconds: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_DURATION_SECONDS,
         description="Wall-clock limit of one fine-tune job, after which it is stopped and fails.",
     )
 
@@ -345,6 +372,15 @@ class RuntimeSpec(CamelModel):
     )
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables for job pods.")
 
+    @model_validator(mode="after")
+    def _unique_env(self) -> RuntimeSpec:
+        # The CRD makes env a list-map keyed by name (crd.py): the API server rejects a name given twice.
+        names = [e.name for e in self.env]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"env: duplicate name(s) {', '.join(dup)}")
+        return self
+
 
 class HistorySpec(CamelModel):
     successful_runs_limit: int = Field(default=3, ge=0, le=100, description="Finished successful jobs kept, per kind.")
@@ -379,6 +415,193 @@ def schema_name(policy_name: str, spec: PolicySpec | None = None) -> str:
     if spec is not None and spec.store.db_schema:
         return spec.store.db_schema
     return default_schema(policy_name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation as the API server does it. The operator's planner and local mode both go through validate_spec,
+# so a spec gets the same verdict from `kubectl apply` + the operator and from `recupdate local`.
+
+# RFC 1123, the rules the API server applies to metadata.name of a custom resource (a DNS subdomain) and to a
+# namespace (a DNS label); apimachinery's IsDNS1123Subdomain and IsDNS1123Label.
+DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+DNS1123_SUBDOMAIN_MAX = 253
+DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS1123_LABEL_MAX = 63
+_INT64 = (-(2**63), 2**63 - 1)
+_MAX_NODES = 100_000  # values in one document: YAML aliases can make a small file expand enormously
+_ROOT_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
+
+
+class PolicyError(ValueError):
+    """A policy the API server would reject, or the planner would mark SpecValid=False. One line of text."""
+
+
+def check_name(name: Any, field: str = "metadata.name") -> str:
+    """A policy name as the API server checks it: a DNS-1123 subdomain (lowercase, digits, '-', '.')."""
+    if name is None or name == "":
+        raise PolicyError(f"{field} is required")
+    if not isinstance(name, str):
+        raise PolicyError(f"{field} must be a string, not {_json_type(name)} {_shown(name)}")
+    if len(name) > DNS1123_SUBDOMAIN_MAX or not DNS1123_SUBDOMAIN.fullmatch(name):
+        raise PolicyError(
+            f"{field} {_shown(name)} is not a lowercase RFC 1123 subdomain: lowercase letters, digits, '-' and '.', "
+            f"starting and ending with a letter or digit, at most {DNS1123_SUBDOMAIN_MAX} characters"
+        )
+    return name
+
+
+def check_namespace(namespace: Any, field: str = "metadata.namespace") -> str:
+    """A namespace as the API server checks it: a DNS-1123 label. Absent or empty: 'default'."""
+    if namespace is None or namespace == "":
+        return "default"
+    if not isinstance(namespace, str):
+        raise PolicyError(f"{field} must be a string, not {_json_type(namespace)} {_shown(namespace)}")
+    if len(namespace) > DNS1123_LABEL_MAX or not DNS1123_LABEL.fullmatch(namespace):
+        raise PolicyError(
+            f"{field} {_shown(namespace)} is not a lowercase RFC 1123 label: lowercase letters, digits and '-', "
+            f"starting and ending with a letter or digit, at most {DNS1123_LABEL_MAX} characters"
+        )
+    return namespace
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
+
+
+def as_json(value: Any, path: str = "") -> Any:
+    """`value` as plain JSON data (dict, list, str, int, float, bool, None), or PolicyError saying where it is
+    not: what the API server can receive. No NaN or infinity, integers within int64, string keys only."""
+    budget = [_MAX_NODES]
+
+    def walk(v: Any, where: str) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise PolicyError(f"more than {_MAX_NODES} values in one document")
+        if v is None or isinstance(v, str | bool):
+            return v
+        if isinstance(v, int):
+            if not _INT64[0] <= v <= _INT64[1]:
+                raise PolicyError(f"{where or '<root>'}: integer {v} is outside the 64-bit range")
+            return v
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise PolicyError(f"{where or '<root>'}: {v} is not a JSON number")
+            return v
+        if isinstance(v, Mapping):
+            out = {}
+            for key, item in v.items():
+                if not isinstance(key, str):
+                    raise PolicyError(f"{where or '<root>'}: key {key!r} is not a string (quote it)")
+                out[key] = walk(item, f"{where}.{key}" if where else key)
+            return out
+        if isinstance(v, list | tuple):
+            return [walk(item, f"{where}[{i}]") for i, item in enumerate(v)]
+        raise PolicyError(f"{where or '<root>'}: a {type(v).__name__} is not a JSON value")
+
+    return walk(value, path)
+
+
+def _field_shape(annotation: Any) -> tuple[bool, type[BaseModel] | None, bool]:
+    """(nullable, nested model, is a list of it) of a field annotation, the way crd.py renders it."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if union else (annotation,)
+    nullable = type(None) in args
+    for arg in args:
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return nullable, arg, False
+        if typing.get_origin(arg) is list:
+            item = typing.get_args(arg)[0]
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                return nullable, item, True
+    return nullable, None, False
+
+
+def _drop_nulls(value: Any, model: type[BaseModel]) -> Any:
+    """The API server prunes null from a field that is not nullable, then defaults it: do the same."""
+    if not isinstance(value, dict):
+        return value
+    fields = {f.alias or name: f for name, f in model.model_fields.items()}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        f = fields.get(key)
+        if f is not None:
+            nullable, nested, many = _field_shape(f.annotation)
+            if item is None and not nullable:
+                continue
+            if nested is not None and many and isinstance(item, list):
+                item = [_drop_nulls(v, nested) for v in item]
+            elif nested is not None and not many:
+                item = _drop_nulls(item, nested)
+        out[key] = item
+    return out
+
+
+def validate_spec(raw: Mapping[str, Any] | None) -> PolicySpec:
+    """A spec validated as the CRD's schema types it: strict JSON types ('yes' is not a boolean, 1.0 not an
+    integer, 5 not a string), camelCase names only, null in a non-nullable field treated as absent. Then the
+    checks a schema cannot express (cron expressions, time zones). Raises ValidationError or PolicyError."""
+    data = _drop_nulls(as_json(raw if raw is not None else {}, "spec"), PolicySpec)
+    return PolicySpec.model_validate_json(json.dumps(data), strict=True, by_alias=True, by_name=False)
+
+
+def describe(exc: ValidationError, prefix: str = "") -> str:
+    """A ValidationError as one line: 'spec.suspend: Input should be a valid boolean; ...'."""
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def validate_policy_object(obj: Any) -> tuple[str, str, PolicySpec]:
+    """(name, namespace, spec) of a whole RecommenderUpdatePolicy object, checked as `kubectl apply` and the
+    API server check it (kind, names, the spec schema) plus what the operator checks. Raises PolicyError."""
+    if not isinstance(obj, Mapping):
+        raise PolicyError(f"expected a {KIND} object (a mapping), got {_json_type(obj)}")
+    obj = as_json(obj)
+    if obj.get("apiVersion") != API_VERSION or obj.get("kind") != KIND:
+        raise PolicyError(
+            f"expected apiVersion {API_VERSION} and kind {KIND}, got {obj.get('apiVersion')!r} and {obj.get('kind')!r}"
+        )
+    unknown = sorted(set(obj) - _ROOT_FIELDS)
+    if unknown:
+        raise PolicyError(f"unknown field(s) {', '.join(unknown)}")
+    meta = obj.get("metadata")
+    if meta is None:
+        raise PolicyError("metadata.name is required")
+    if not isinstance(meta, dict):
+        raise PolicyError(f"metadata must be a mapping, not {_json_type(meta)} {_shown(meta)}")
+    name = check_name(meta.get("name"))
+    namespace = check_namespace(meta.get("namespace"))
+    for key in ("labels", "annotations"):
+        value = meta.get(key)
+        if value is not None and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+            raise PolicyError(f"metadata.{key} must map strings to strings")
+    try:
+        spec = validate_spec(obj.get("spec"))
+    except ValidationError as exc:
+        raise PolicyError(f"invalid spec: {describe(exc, 'spec')}") from None
+    return name, namespace, spec
 
 
 # ---------------------------------------------------------------------------------------------------------

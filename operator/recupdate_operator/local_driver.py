@@ -11,10 +11,12 @@ fine-tunes see new data, and served recommendations are probed with the interact
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -23,14 +25,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import yaml
-from pydantic import ValidationError
 
 from recupdate_workloads.contract.redact import redact, redact_data, redact_logs
 
-from .api import PolicySpec, PolicyStatus, parse_duration
+from .api import PolicyError, PolicySpec, PolicyStatus, parse_duration, validate_policy_object
 from .apply import apply_plan
-from .backends.base import PolicyRef
+from .backends.base import DSN_ENV, PolicyRef
 from .planner import Event, Plan, Policy, RollServe, plan
 from .registry import Registry, StoreSettings
 
@@ -39,19 +41,71 @@ DAY = 86_400
 LOCAL_UID = "local"  # the uid local mode records as its schema's owner (a policy here has no metadata.uid)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as kubectl reads it into JSON: a key given twice is an error, and timestamps stay strings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if isinstance(key, str):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where and what, e.g. 'line 3, column 1: found a tab character ...'."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        if "'\\t'" in problem:  # PyYAML: "found character '\t' that cannot start any token"
+            problem += " (indent YAML with spaces, not tabs)"
+        return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return f"invalid YAML: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+
+
 def load_policy(path: str | Path) -> tuple[str, str, PolicySpec, dict[str, Any]]:
-    """(name, namespace, spec, raw document) of a RecommenderUpdatePolicy file. Raises ValueError, clearly."""
-    doc = yaml.safe_load(Path(path).read_text())
-    if not isinstance(doc, dict) or doc.get("kind") != "RecommenderUpdatePolicy":
-        raise ValueError(f"{path}: not a RecommenderUpdatePolicy document")
-    meta = doc.get("metadata") or {}
-    if not meta.get("name"):
-        raise ValueError(f"{path}: metadata.name is required")
+    """(name, namespace, spec, raw document) of a RecommenderUpdatePolicy file, validated as `kubectl apply`
+    and the API server would (api.validate_policy_object). Raises PolicyError with one line saying why."""
     try:
-        spec = PolicySpec.model_validate(doc.get("spec") or {})
-    except ValidationError as exc:
-        raise ValueError(f"{path}: invalid spec:\n{exc}") from None
-    return meta["name"], meta.get("namespace", "default"), spec, doc
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]  # _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{path}: {_yaml_problem(exc)}") from None
+    if not docs:
+        raise PolicyError(f"{path}: no YAML document in the file")
+    if len(docs) > 1:
+        raise PolicyError(f"{path}: {len(docs)} YAML documents; local mode runs one policy, put it alone in a file")
+    try:
+        name, namespace, spec = validate_policy_object(docs[0])
+    except PolicyError as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    return name, namespace, spec, docs[0]
+
+
+def _status_filename(name: str) -> str:
+    """`<name>.status.json`; a name near Kubernetes' 253 characters is cut (and hashed, to stay unique) to fit
+    the 255-byte file name limit."""
+    if len(name) <= 200:
+        return f"{name}.status.json"
+    return f"{name[:190]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}.status.json"
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not be opened or reached: the embedded PostgreSQL, or RECUPDATE_STORE_DSN."""
 
 
 @dataclass
@@ -76,9 +130,16 @@ class LocalRun:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.name, self.namespace, self.spec, _ = load_policy(args.file)
+        for flag in ("simulate", "warmup", "tick", "report_period"):  # bad flags fail before anything starts
+            value = getattr(args, flag, None)
+            if value is not None:
+                try:
+                    parse_duration(value)
+                except ValueError as exc:
+                    raise ValueError(f"--{flag.replace('_', '-')}: {exc}") from None
         self.workdir = Path(args.workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.status_file = Path(args.status_file or self.workdir / f"{self.name}.status.json")
+        self.status_file = Path(args.status_file or self.workdir / _status_filename(self.name))
         self.stop = False
         self.timeline: list[dict[str, Any]] = []
         self._last_line = ""
@@ -104,7 +165,11 @@ class LocalRun:
         # Claimed before the catalogue and interactions are written: another policy's schema is refused
         # (SchemaOwnedError, a ValueError: `recupdate local` reports it and exits 2).
         owner = Owner(self.namespace, self.name, LOCAL_UID)
-        self.store = open_store(self.schema, data_dir=self.workdir / "pg", owner=owner, adopt=True)
+        try:
+            self.store = open_store(self.schema, data_dir=self.workdir / "pg", owner=owner, adopt=True)
+        except (psycopg.Error, OSError, subprocess.SubprocessError) as exc:
+            where = f"{DSN_ENV}" if os.environ.get(DSN_ENV) else f"the embedded PostgreSQL in {self.workdir / 'pg'}"
+            raise StoreUnavailable(f"cannot open the store ({where}): {_first_line(exc)}") from None
         if not len(cat.load_catalogue(self.store)[0]):
             cat.save_catalogue(self.store, self.data.catalogue, self.data.log.item_cluster)
         self.triples = triples(self.data.log, self.spec.data.positive_threshold)
@@ -201,37 +266,46 @@ class LocalRun:
         if self.status_file.exists():
             status = json.loads(self.status_file.read_text()).get("status") or {}
         probe = Probe(period=int(parse_duration(self.args.report_period).total_seconds()))
-        static: dict[tuple[int, int], list[int]] | None = None
-        signal.signal(signal.SIGINT, lambda *_: setattr(self, "stop", True))
+        for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, stop the jobs, report
+            signal.signal(sig, lambda *_: setattr(self, "stop", True))
         policy = Policy(self.name, self.namespace, self.spec, 1, {}, sim0, uid=LOCAL_UID)
         ref = PolicyRef(self.name, self.namespace, LOCAL_UID, self.spec, 1)
         last_probe = int(now.timestamp())
         t_start = time.monotonic()
-        while not self.stop:
-            self.now = now
-            self._append_until(now)
-            if backend._served is not None:
-                self._probe(last_probe, int(now.timestamp()), probe, static)
-            last_probe = int(now.timestamp())
-            p = plan(policy, status, backend.observe_jobs(ref), registry.read(ref), now)
-            apply_plan(p, ref, backend, registry, now, self._event, self._action)
-            if static is None and p.status.active_release:
-                static = self._static_table(p.status.active_release)  # the first release, never updated
-            status = p.status_patch()
-            self._write_status(status, now)
-            self._status_line(p, now, probe)
-            if sim_end is not None:
-                if backend.running():
-                    time.sleep(0.5)  # simulated time stands still while jobs run
-                    continue
-                if now >= sim_end:
-                    break
-                step = timedelta(seconds=parse_duration(self.args.tick).total_seconds())
-                nxt = min(p.wake_at or now + step, now + step, sim_end)
-                now = max(nxt, now + timedelta(seconds=1))
-            else:
-                time.sleep(1.0)
-                now = sim0 + timedelta(seconds=(time.monotonic() - real0) * self.args.speed)
+        static: dict[tuple[int, int], list[int]] | None = None
+        try:
+            while not self.stop:
+                self.now = now
+                self._append_until(now)
+                if backend._served is not None:
+                    self._probe(last_probe, int(now.timestamp()), probe, static)
+                last_probe = int(now.timestamp())
+                p = plan(policy, status, backend.observe_jobs(ref), registry.read(ref), now)
+                apply_plan(p, ref, backend, registry, now, self._event, self._action)
+                if static is None and p.status.active_release:
+                    static = self._static_table(p.status.active_release)  # the first release, never updated
+                status = p.status_patch()
+                self._write_status(status, now)
+                self._status_line(p, now, probe)
+                if sim_end is not None:
+                    if backend.running():
+                        time.sleep(0.5)  # simulated time stands still while jobs run
+                        continue
+                    if now >= sim_end:
+                        break
+                    step = timedelta(seconds=parse_duration(self.args.tick).total_seconds())
+                    nxt = min(p.wake_at or now + step, now + step, sim_end)
+                    now = max(nxt, now + timedelta(seconds=1))
+                else:
+                    time.sleep(1.0)
+                    now = sim0 + timedelta(seconds=(time.monotonic() - real0) * self.args.speed)
+        finally:
+            # Jobs run in their own sessions (a terminal's Ctrl-C does not reach them): stop them here, or they
+            # would run on, reparented to PID 1. Their runs stay 'running' in the store; a rerun reports them
+            # failed ("interrupted") and retries them with backoff.
+            stopped = backend.shutdown()
+            if stopped:
+                print(f"\nstopped {len(stopped)} running job(s): {', '.join(stopped)}", file=sys.stderr)
         print()
         self._report(probe, time.monotonic() - t_start)
         registry.close()
@@ -353,11 +427,24 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="chaos: runs whose id contains TEXT get unpassable gates (repeatable)")  # fmt: skip
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def run(args: argparse.Namespace) -> int:
+    """Exit 0 when every probe succeeded, 1 when some failed, 2 on bad input or an unreachable store (one line
+    on stderr, no traceback), 130 when interrupted before the loop started."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redact_logs()
     try:
         return LocalRun(args).run()
-    except ValueError as exc:
-        print(f"recupdate local: {exc}", file=sys.stderr)
+    except (ValueError, StoreUnavailable) as exc:  # PolicyError is a ValueError
+        print(f"recupdate local: {_first_line(exc)}", file=sys.stderr)
         return 2
+    except psycopg.OperationalError as exc:  # the store went away while running
+        print(f"recupdate local: lost the store: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recupdate local: interrupted", file=sys.stderr)
+        return 130

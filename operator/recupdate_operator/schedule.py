@@ -16,6 +16,10 @@ BACKOFF_BASE = timedelta(seconds=60)
 BACKOFF_CAP = timedelta(hours=1)
 # Cron has minute resolution; one microsecond past `now` makes get_prev include a fire exactly at `now`.
 _EPSILON = timedelta(microseconds=1)
+# How far croniter searches for a fire (its default is 50). The calendar repeats every 400 years, so an
+# expression that fires at all fires within this span of any time; one that never does raises
+# CroniterBadDateError (a ValueError) at once. api._valid_cron rejects those with this same search.
+CRON_SEARCH_YEARS = 400
 
 
 def _aware(t: datetime) -> datetime:
@@ -27,14 +31,14 @@ def _aware(t: datetime) -> datetime:
 def next_cron_fire(schedule: str, after: datetime, time_zone: str = "UTC") -> datetime:
     """The first fire strictly after `after`."""
     local = _aware(after).astimezone(zoneinfo.ZoneInfo(time_zone))
-    fire: datetime = croniter(schedule, local).get_next(datetime)
+    fire: datetime = croniter(schedule, local, max_years_between_matches=CRON_SEARCH_YEARS).get_next(datetime)
     return fire.astimezone(UTC)
 
 
 def prev_cron_fire(schedule: str, now: datetime, time_zone: str = "UTC") -> datetime:
     """The latest fire at or before `now`."""
     local = (_aware(now) + _EPSILON).astimezone(zoneinfo.ZoneInfo(time_zone))
-    fire: datetime = croniter(schedule, local).get_prev(datetime)
+    fire: datetime = croniter(schedule, local, max_years_between_matches=CRON_SEARCH_YEARS).get_prev(datetime)
     return fire.astimezone(UTC)
 
 

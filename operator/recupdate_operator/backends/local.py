@@ -15,10 +15,13 @@ the registry (a run still marked running whose process is gone is reported faile
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +40,26 @@ from ..planner import LaunchRun, ObservedJob
 from .base import BackendError, PolicyRef, ServingStatus, serve_config
 
 LOCAL_REPLICA_CPUS = 0.25  # leave the cores to training and refresh jobs on a small machine
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Signal the job's whole process group (its pid: the job leads its own session), not just its leader."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+        os.killpg(proc.pid, sig)
+
+
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float, signaled: bool = False) -> None:
+    """SIGTERM the job's process group, SIGKILL what is left of it after `timeout`, and reap the job, so that
+    processes the job started in its group go too. A job reaped earlier is left alone: its group id may
+    belong to someone else by now (an unreaped job, even one that exited, still holds it)."""
+    if proc.returncode is not None:
+        return
+    if not signaled:
+        _signal_group(proc, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
 
 
 @dataclass
@@ -66,6 +89,7 @@ class LocalBackend:
         serve: bool = True,
         command: Callable[[LaunchRun, Path], list[str]] | None = None,
         fail_runs: tuple[str, ...] = (),
+        stop_timeout: float = 30.0,
     ) -> None:
         self.dsn = dsn
         self.workdir = Path(workdir)
@@ -78,6 +102,7 @@ class LocalBackend:
         # Fault injection for chaos tests and demos: runs whose id contains one of these get unpassable gates,
         # so the controller must reject their release and keep serving the last good one.
         self.fail_runs = fail_runs
+        self.stop_timeout = stop_timeout  # seconds a stopped job gets to exit on SIGTERM before SIGKILL
         self._served: dict[str, Any] | None = None
 
     # -- jobs ----------------------------------------------------------------------------------------------
@@ -108,15 +133,26 @@ class LocalBackend:
 
     def delete_job(self, policy: PolicyRef, name: str) -> None:
         job = self.jobs.pop(name, None)
-        if job is not None and job.proc.poll() is None:
-            job.proc.terminate()
-            try:
-                job.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                job.proc.kill()
+        if job is not None:
+            _stop_group(job.proc, timeout=self.stop_timeout)
 
     def running(self) -> bool:
         return any(j.proc.poll() is None for j in self.jobs.values())
+
+    def shutdown(self, timeout: float | None = None) -> list[str]:
+        """Stop every job this backend started that still runs, with all its processes; returns their names.
+
+        Jobs run in their own session (start_new_session), so a terminal's Ctrl-C reaches only `recupdate local`:
+        without this they would outlive it, reparented to PID 1. Their runs stay 'running' in the store, and a
+        later session reports them failed ("interrupted: its process is gone") and retries them.
+        """
+        live = [j for j in self.jobs.values() if j.proc.poll() is None]
+        for job in live:  # signal all first, then wait: the timeout is shared, not per job
+            _signal_group(job.proc, signal.SIGTERM)
+        deadline = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
+        for job in live:
+            _stop_group(job.proc, timeout=max(0.0, deadline - time.monotonic()), signaled=True)
+        return [j.name for j in live]
 
     def observe_jobs(self, policy: PolicyRef) -> list[ObservedJob]:
         out: dict[str, ObservedJob] = {}

@@ -27,6 +27,7 @@ from ..api import (
     ConditionType,
     PolicySpec,
     PolicyStatus,
+    validate_spec,
 )
 from ..apply import apply_plan
 from ..backends.base import Backend, BackendError, PolicyRef, ServingStatus
@@ -291,7 +292,7 @@ class Controller:
         raw_spec = body.get("spec") or {}
         spec: PolicySpec | None
         try:
-            spec = PolicySpec.model_validate(raw_spec)
+            spec = validate_spec(raw_spec if isinstance(raw_spec, Mapping) else None)  # as strict as the CRD
         except (ValidationError, TypeError, ValueError):
             spec = None  # the planner reports it (SpecValid=False, a Warning Event) and does nothing else
         policy = Policy(

@@ -117,8 +117,36 @@ def _valid_duration(field: str) -> str:
     return f"{field}.matches('{api.DURATION_PATTERN}')"
 
 
+def _field_rules(node: dict[str, Any]) -> None:
+    """CEL rules on every duration and cron field, found by their pattern. Each mirrors a validator in api.py."""
+    pattern = node.get("pattern")
+    if node.get("type") == "string" and pattern == api.DURATION_PATTERN:
+        secs = _duration_seconds("self")
+        node["x-kubernetes-validations"] = [
+            {"rule": f"!{_valid_duration('self')} || {secs} > 0", "message": "must be greater than zero"},
+            {
+                # The planner's bound (api.MAX_DURATION_SECONDS): longer ones cannot be scheduled.
+                "rule": f"!{_valid_duration('self')} || {secs} <= {api.MAX_DURATION_SECONDS}",
+                "message": f"must be at most {api.MAX_DURATION_SECONDS // 86400}d (10 years)",
+            },
+        ]
+    elif node.get("type") == "string" and pattern == api.CRON_PATTERN:
+        node["x-kubernetes-validations"] = [
+            {
+                "rule": f"!self.matches('{api.CRON_RANDOM_PATTERN}')",
+                "message": "random (R) and hashed (H) cron fields are not supported",
+            }
+        ]
+    for child in (node.get("properties") or {}).values():
+        _field_rules(child)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            _field_rules(node[key])
+
+
 def _rules(spec: dict[str, Any]) -> None:
     """CEL rules for what one field's schema cannot say. Each mirrors a validator in api.py."""
+    _field_rules(spec)
     retrieval = spec["properties"]["retrieval"]
     interval, staleness = "self.refreshInterval", "self.maxStaleness"
     both = f"has({interval}) && has({staleness}) && {_valid_duration(interval)} && {_valid_duration(staleness)}"

@@ -38,6 +38,7 @@ from ..api import (
     RunResult,
     parse_duration,
     schema_name,
+    validate_spec,
 )
 from ..conditions import get_condition, set_condition
 from .actions import (
@@ -90,6 +91,7 @@ class _Planner:
         self.s.observed_generation = policy.generation
         self.waiting: dict[RunKind, str] = {}  # why a due run did not launch, for the conditions
         self.spec = PolicySpec()
+        self.fires: dict[RunKind, tuple[datetime, datetime]] = {}  # (latest at or before now, next after now)
 
     # -- helpers -------------------------------------------------------------------------------------------
 
@@ -162,13 +164,17 @@ class _Planner:
     def _validate_spec(self) -> PolicySpec | None:
         raw = self.policy.spec
         try:
-            spec = raw if isinstance(raw, PolicySpec) else PolicySpec.model_validate(dict(raw))
+            # The same validation as local mode (api.validate_spec): JSON types strictly, as the CRD types them.
+            spec = raw if isinstance(raw, PolicySpec) else validate_spec(raw)
         except (ValidationError, TypeError, ValueError) as exc:
-            message = _short(exc)
-            old = get_condition(self.s.conditions, ConditionType.SPEC_VALID)
-            if old is None or old.status != ConditionStatus.FALSE or old.message != message:
-                self.event("Warning", "InvalidSpec", message)
-            self.condition(ConditionType.SPEC_VALID, False, "InvalidSpec", message)
+            self._invalid(_short(exc))
+            return None
+        # Scheduling can fail where validation cannot see it (a time zone's rules at this `now`): report it on
+        # the policy rather than raise, so one policy never stops the operator.
+        try:
+            self.fires = self._fires(spec)
+        except (ValueError, OverflowError) as exc:  # croniter's CroniterBadDateError is a ValueError
+            self._invalid(str(exc)[:500])
             return None
         # Another policy's schema: refused like an invalid spec, so nothing is launched, recorded or served.
         schema = schema_name(self.policy.name, spec)
@@ -189,6 +195,30 @@ class _Planner:
             )
         self.condition(ConditionType.SPEC_VALID, True, "Valid", "")
         return spec
+
+    def _invalid(self, message: str) -> None:
+        """SpecValid=False, and a Warning event when the message is new (not one per reconcile)."""
+        old = get_condition(self.s.conditions, ConditionType.SPEC_VALID)
+        if old is None or old.status != ConditionStatus.FALSE or old.message != message:
+            self.event("Warning", "InvalidSpec", message)
+        self.condition(ConditionType.SPEC_VALID, False, "InvalidSpec", message)
+
+    def _fires(self, spec: PolicySpec) -> dict[RunKind, tuple[datetime, datetime]]:
+        """The latest fire at or before now and the next one after it, per kind."""
+        ft = spec.fine_tune
+        try:
+            cron = (
+                schedule.prev_cron_fire(ft.schedule, self.now, ft.time_zone),
+                schedule.next_cron_fire(ft.schedule, self.now, ft.time_zone),
+            )
+        except (ValueError, OverflowError, KeyError, OSError) as exc:  # KeyError, OSError: zoneinfo's lookups
+            raise ValueError(f"fineTune.schedule {ft.schedule!r} ({ft.time_zone}) has no fire time: {exc}") from None
+        try:
+            interval = parse_duration(spec.retrieval.refresh_interval)
+            every = (schedule.prev_interval_fire(interval, self.now), schedule.next_interval_fire(interval, self.now))
+        except (ValueError, OverflowError) as exc:
+            raise ValueError(f"retrieval.refreshInterval {spec.retrieval.refresh_interval!r}: {exc}") from None
+        return {RunKind.FINETUNE: cron, RunKind.REFRESH: every}
 
     # -- 1. runs in flight ---------------------------------------------------------------------------------
 
@@ -456,13 +486,7 @@ class _Planner:
         ft = spec.fine_tune
         earliest = self.policy.creation_timestamp
         mark = self.scheduled_mark(kind)
-        if kind == RunKind.FINETUNE:
-            latest = schedule.prev_cron_fire(ft.schedule, self.now, ft.time_zone)
-            upcoming = schedule.next_cron_fire(ft.schedule, self.now, ft.time_zone)
-        else:
-            interval = parse_duration(spec.retrieval.refresh_interval)
-            latest = schedule.prev_interval_fire(interval, self.now)
-            upcoming = schedule.next_interval_fire(interval, self.now)
+        latest, upcoming = self.fires[kind]
         due = schedule.missed_fire(latest, mark, earliest)
 
         # A refresh re-infers with the serving adapter: nothing to refresh before a first release.
