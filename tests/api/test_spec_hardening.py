@@ -678,6 +678,10 @@ def test_backend_shutdown_stops_each_job_with_its_whole_process_group(tmp_path: 
     started = time.monotonic()
     assert sorted(backend.shutdown(timeout=1)) == sorted(pids)
     assert time.monotonic() - started < 10  # one shared timeout, then SIGKILL
+    # SIGKILL is delivered asynchronously: give the group's processes a moment to be gone.
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for pair in pids.values() for p in pair) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for job_pid, child_pid in pids.values():
         assert not _alive(job_pid) and not _alive(child_pid)
     assert not backend.running() and backend.shutdown() == []
