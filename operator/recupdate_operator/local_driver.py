@@ -28,13 +28,17 @@ from typing import Any
 import psycopg
 import yaml
 
+from recupdate_workloads.contract.env import DSN_ENV
 from recupdate_workloads.contract.redact import redact, redact_data, redact_logs
 
 from .api import PolicyError, PolicySpec, PolicyStatus, parse_duration, validate_policy_object
 from .apply import apply_plan
-from .backends.base import DSN_ENV, PolicyRef
+from .backends.base import BackendError, PolicyRef
 from .planner import Event, Plan, Policy, RollServe, plan
-from .registry import Registry, StoreSettings
+from .registry import Registry, StoreError, StoreSettings
+
+#: Consecutive store or backend errors that `recupdate local` retries (with backoff) before it gives up.
+MAX_RETRIES = 8
 
 log = logging.getLogger("recupdate.local")
 DAY = 86_400
@@ -273,6 +277,7 @@ class LocalRun:
         last_probe = int(now.timestamp())
         t_start = time.monotonic()
         static: dict[tuple[int, int], list[int]] | None = None
+        failures = 0
         try:
             while not self.stop:
                 self.now = now
@@ -280,8 +285,21 @@ class LocalRun:
                 if backend._served is not None:
                     self._probe(last_probe, int(now.timestamp()), probe, static)
                 last_probe = int(now.timestamp())
-                p = plan(policy, status, backend.observe_jobs(ref), registry.read(ref), now)
-                apply_plan(p, ref, backend, registry, now, self._event, self._action)
+                try:
+                    p = plan(policy, status, backend.observe_jobs(ref), registry.read(ref), now)
+                    apply_plan(p, ref, backend, registry, now, self._event, self._action)
+                except (BackendError, StoreError) as exc:
+                    # As the operator does: a store or job error is retried with backoff, the step unchanged
+                    # (the plan is recomputed, so nothing is done twice); only a persistent one ends the run.
+                    failures += 1
+                    if failures > MAX_RETRIES:
+                        print(f"recupdate local: giving up after {MAX_RETRIES} retries: {redact(exc)}", file=sys.stderr)
+                        return 2
+                    delay = min(30.0, 2.0**failures)
+                    log.warning("store or backend unavailable, retrying in %.0fs: %s", delay, redact(exc))
+                    time.sleep(delay)
+                    continue
+                failures = 0
                 if static is None and p.status.active_release:
                     static = self._static_table(p.status.active_release)  # the first release, never updated
                 status = p.status_patch()
