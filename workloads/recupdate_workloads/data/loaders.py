@@ -569,6 +569,7 @@ def check_rows(
 
     A column of an unusable type (a list as ts) is a DataError; a bad value never raises."""
     c = _CANONICAL | dict(cols or {})
+    _pick(Path(path), [str(k) for k in columns], [c["user"], c["item"], c["ts"]], [])
     user_col = columns[c["user"]]
     n = len(user_col)
     user, user_enc = _text(user_col, c["user"], path)
