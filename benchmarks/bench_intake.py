@@ -15,7 +15,7 @@ Phases, each ``--batches`` batches, repeated ``--repeats`` times in turn (figure
 * ``inproc``: new batches through the intake's own path without HTTP (check_rows + write_batch), same concurrency;
 * ``bare``: new batches straight into store/ingest.py ``write_interactions`` (the baseline), same concurrency.
 
-    .venv/bin/python benchmarks/bench_intake.py                          # 4 x 50 batches of 1,000 events
+    .venv/bin/python benchmarks/bench_intake.py                          # 5 rounds x 4 phases x 30 batches of 1,000
     .venv/bin/python benchmarks/bench_intake.py --batches 200 --repeats 5 --concurrency 4
 
 The last line printed is one JSON object with every figure.
@@ -245,8 +245,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dsn", default=None, help="external PostgreSQL DSN (default: an embedded one)")
     ap.add_argument("--batch", type=int, default=1000, help="events per batch")
-    ap.add_argument("--batches", type=int, default=50, help="batches per phase and repeat")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds of all phases (figures: medians)")
+    ap.add_argument("--batches", type=int, default=30, help="batches per phase and repeat")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of all phases (figures: medians)")
     ap.add_argument("--concurrency", type=int, default=2, help="connections (HTTP) or threads (in-process)")
     ap.add_argument("--items", type=int, default=5000, help="items in the catalogue")
     ap.add_argument("--users", type=int, default=20000, help="distinct users the events come from")
@@ -330,7 +330,8 @@ def main() -> None:
         f = fig[p]
         print(f"{p:<8} {f['events_per_s']:>10,.0f} {f['p50_ms']:>13.1f} {f['p99_ms']:>13.1f}")
     ratio = fig["bare"]["events_per_s"] / fig["http"]["events_per_s"] if fig["http"]["events_per_s"] else float("nan")
-    print(f"HTTP costs {ratio:.2f}x the bare store write (events/s, bare / http); errors: {errors}")
+    paired = median([b["events_per_s"] / h["events_per_s"] for b, h in zip(runs["bare"], runs["http"], strict=True)])
+    print(f"bare / http events/s: {ratio:.2f}x (paired by round: {paired:.2f}x); errors: {errors}")
     print(f"stored rows {stored[0]:,}, distinct event ids {stored[1]:,}")
     result = {
         "bench": "intake",
@@ -341,6 +342,8 @@ def main() -> None:
         "event_ids": not args.no_event_ids,
         "figures": fig,
         "bare_over_http": ratio,
+        "bare_over_http_paired": paired,
+        "rounds": runs,
         "errors": errors,
         "stored_rows": stored[0],
         "machine": machine(),

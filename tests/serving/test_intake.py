@@ -34,7 +34,7 @@ from recupdate_workloads.serving.release import Loaded
 from recupdate_workloads.serving.service import RecommenderService
 from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store import ingest
-from recupdate_workloads.store.db import Store
+from recupdate_workloads.store.db import Store, connect
 from recupdate_workloads.store.owner import Owner, claim_owner
 
 JSON_CT = {"content-type": "application/json"}
@@ -287,6 +287,46 @@ async def test_per_path_limits_look_below_the_route_prefix() -> None:
         assert (await c.post("/api" + INTAKE_PATH, content=b"x" * 50)).status_code == 204
         assert (await c.post("/api" + INTAKE_PATH, content=b"x" * 101)).status_code == 413
         assert (await c.post("/api/recommend", content=b"x" * 50)).status_code == 413
+
+
+async def test_an_item_added_during_the_write_is_still_reported_right(
+    client: tuple, owned: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The write skips two unknown items, then the catalogue gains one (another session commits) before the
+    # intake asks which items were unknown: the counts disagree, and the batch is written again.
+    c, _ = client
+    real = ingest.item_ids
+    calls = {"n": 0}
+
+    def racing(conn: Any, names: Any) -> dict[str, int]:
+        calls["n"] += 1  # 1: write_interactions' own lookup; 2: the intake's; 3, 4: the same, written again
+        if calls["n"] == 2:
+            other = Store(dsn=owned.dsn, schema=owned.schema, conn=connect(owned.dsn))
+            ingest.write_catalogue(other, items={"item": ["late-sku"], "cluster": ["comedy"]}, embed=False)
+            other.close()
+        return real(conn, names)
+
+    monkeypatch.setattr(ingest, "item_ids", racing)
+    events = [
+        *_events(3),
+        {"user": "u", "item": "late-sku", "ts": T0, "event_id": "late"},
+        {"user": "u", "item": "never-sku", "ts": T0, "event_id": "never"},
+    ]
+    out = await _post(c, events)
+    assert calls["n"] == 4
+    assert (out["accepted"], out["rejected_rows"], out["reasons"]) == (4, [4], {"unknown_item": 1})
+    assert sorted(r[4] for r in _stored(owned)) == ["alice-ev-0", "alice-ev-1", "alice-ev-2", "late"]
+
+
+async def test_a_batch_of_known_items_costs_no_lookup(
+    client: tuple, owned: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c, _ = client
+    calls: list[int] = []
+    real = ingest.item_ids
+    monkeypatch.setattr(ingest, "item_ids", lambda conn, names: calls.append(1) or real(conn, names))
+    assert (await _post(c, _events(20)))["accepted"] == 20
+    assert calls == [1]  # write_interactions' own lookup only
 
 
 # ---------------------------------------------------------------------------------------------------------
