@@ -4,6 +4,7 @@ store with a tiny bootstrapped model and LoRA adapter, rollouts through the decl
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -115,6 +116,34 @@ def test_miss_past_its_time_limit_is_answered_from_evidence(served: Served) -> N
         assert {e["source"] for e in r["clusters"]} <= {"evidence", "popular"}
         assert not set(borrowed) & {e["id"] for e in r["clusters"]}
     sv.roll(served.uc("rel-a"))
+
+
+def test_the_intake_through_the_proxy(served: Served) -> None:
+    """POST /v1/interactions on the Serve replica: its own body limit, written to the release's schema with the
+    replica's DSN (runtime_env.env_vars), a retry written once."""
+    from recupdate_workloads.serving.intake import INTAKE_MAX_BODY_BYTES
+    from recupdate_workloads.store.owner import Owner, claim_owner
+
+    claim_owner(served.store.conn, served.store.schema, Owner("ns", "serve-test"))
+    with served.store.tx() as conn:
+        items = [r[0] for r in conn.execute("SELECT external FROM items ORDER BY item_id LIMIT 5").fetchall()]
+    events = [
+        {"user": f"proxy-{i}", "item": items[i % len(items)], "ts": 1_900_000_000 + i, "event_id": f"px-{i}"}
+        for i in range(4000)
+    ]
+    body = json.dumps({"events": events}).encode()
+    assert len(body) > 256 * 1024  # over /recommend's limit, within the intake's
+    headers = {"content-type": "application/json"}
+    with httpx.Client(base_url=served.url, timeout=60) as c:
+        out = c.post("/v1/interactions", content=body, headers=headers).json()
+        assert (out["accepted"], out["store_schema"]) == (4000, served.store.schema), out
+        assert c.post("/v1/interactions", content=body, headers=headers).json()["duplicates"] == 4000
+        big = b" " * (INTAKE_MAX_BODY_BYTES + 1)
+        assert c.post("/v1/interactions", content=big, headers=headers).status_code == 413
+        bad = c.post("/v1/interactions", json={"events": [{"user": "u", "item": "no-such-item", "ts": 0}]})
+        assert bad.status_code == 422 and bad.json()["reasons"] == {"unknown_item": 1}
+    with served.store.tx() as conn:
+        assert conn.execute("SELECT count(*) FROM interactions WHERE event_id LIKE 'px-%'").fetchone() == (4000,)
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,9 @@ Accepted values (docs/data.md, "Accepted values and bad rows"):
   on that same line is `bad_quoting` (a quoted value never spans lines, so one stray quote costs one line, never
   the rest of the file); a line that is not valid UTF-8 is `bad_encoding`. Parquet is recognised by its magic
   bytes; a Parquet binary value used as text that is not UTF-8 is `bad_encoding` too.
-- user, item: text or numbers, surrounding whitespace stripped; empty or null is `missing_field`. An item absent
-  from the items file (movies.csv for MovieLens) is `unknown_item`.
+- user, item: text or numbers, surrounding whitespace stripped; empty or null is `missing_field`; longer than
+  ID_MAX_CHARS (256) characters (an event id too) is `id_too_long`. An item absent from the items file
+  (movies.csv for MovieLens; the store's catalogue for an ingest) is `unknown_item`.
 - ts is read by the column's TYPE: timestamps by their unit (s/ms/us/ns; tz-aware ones as the UTC instant,
   naive ones taken as UTC), dates as their UTC midnight, integers and floats as seconds since the epoch
   (fractions floored), text as a number of seconds or an ISO-8601 date/time (no offset: UTC). Accepted:
@@ -32,7 +33,7 @@ from __future__ import annotations
 import csv
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,7 @@ BAD_REASONS = (
     "too_many_fields",
     "too_few_fields",
     "missing_field",
+    "id_too_long",
     "bad_timestamp",
     "timestamp_out_of_range",
     "bad_weight",
@@ -526,6 +528,100 @@ def _codes(text: pa.Array) -> tuple[np.ndarray, list[str]]:
 # -- rows into a log -------------------------------------------------------------------------------------------
 
 
+#: The canonical column names; a column mapping renames them to a source's own.
+_CANONICAL = {"user": "user", "item": "item", "ts": "ts", "weight": "weight", "event_id": "event_id"}
+
+
+@dataclass
+class CheckedRows:
+    """Interaction rows validated by check_rows: typed columns, which rows are kept, and why the others are not.
+
+    `user`, `item` (and `event_id`) are stripped text (external ids: the integer 42 and the text "42" are the
+    same id); `ts` unix seconds; `weight` float64 (the default where the column is absent). Rows where `ok` is
+    False are counted in `skipped` under their first reason and must be skipped."""
+
+    user: pa.Array
+    item: pa.Array
+    ts: np.ndarray
+    weight: np.ndarray
+    event_id: pa.Array | None
+    ok: np.ndarray
+    skipped: Counter[str]
+    rows: int
+
+
+#: The longest external id (user, item, event id) accepted, in characters: PostgreSQL's btree indexes, which
+#: the id maps use, refuse keys of more than about 2.7 kB, and one such row would fail a whole transaction.
+ID_MAX_CHARS = 256
+
+
+def check_rows(
+    columns: Mapping[str, pa.Array],
+    path: Path | str,
+    cols: Mapping[str, str] | None = None,
+    default_weight: float = 1.0,
+    skipped: Counter[str] | None = None,
+) -> CheckedRows:
+    """Validate interaction rows (docs/data.md, "Accepted values and bad rows"): every reason of BAD_REASONS but
+    unknown_item (the caller knows the items). `cols` maps the canonical names user, item, ts, weight and
+    event_id to the names in `columns`; user, item and ts must be present, weight and event_id are optional.
+    `skipped`: lines dropped before any value was looked at (they are added to the result's counts).
+
+    A column of an unusable type (a list as ts) is a DataError; a bad value never raises."""
+    c = _CANONICAL | dict(cols or {})
+    _pick(Path(path), [str(k) for k in columns], [c["user"], c["item"], c["ts"]], [])
+    user_col = columns[c["user"]]
+    n = len(user_col)
+    user, user_enc = _text(user_col, c["user"], path)
+    item, item_enc = _text(columns[c["item"]], c["item"], path)
+    ts = _seconds(columns[c["ts"]], c["ts"], path)
+    weight = _weights(columns[c["weight"]], c["weight"], path) if c["weight"] in columns else None
+    event_id, ev_enc = _text(columns[c["event_id"]], c["event_id"], path) if c["event_id"] in columns else (None, None)
+    enc = np.zeros(n, dtype=bool)
+    for m in (
+        user_enc,
+        item_enc,
+        ev_enc,
+        ts.problems.get("bad_encoding"),
+        weight.problems.get("bad_encoding") if weight else None,
+    ):
+        if m is not None:
+            enc |= m
+    missing = _mask(pc.is_null(user)) | _mask(pc.is_null(item)) | ts.missing
+    if weight is not None:
+        missing |= weight.missing
+    too_long = _mask(pc.greater(pc.utf8_length(user), ID_MAX_CHARS)) | _mask(
+        pc.greater(pc.utf8_length(item), ID_MAX_CHARS)
+    )
+    if event_id is not None:
+        too_long |= _mask(pc.greater(pc.utf8_length(event_id), ID_MAX_CHARS))
+    checks: list[tuple[str, np.ndarray]] = [
+        ("bad_encoding", enc),
+        ("missing_field", missing),
+        ("id_too_long", too_long),
+    ]
+    checks += [(k, ts.problems[k]) for k in ("bad_timestamp", "timestamp_out_of_range")]
+    if weight is not None:
+        checks += [(k, weight.problems[k]) for k in ("bad_weight", "negative_weight", "weight_out_of_range")]
+    counts: Counter[str] = Counter(skipped or {})
+    bad = np.zeros(n, dtype=bool)
+    for reason, mask in checks:  # first reason wins: each skipped row is counted once
+        m = mask & ~bad
+        counts[reason] += int(m.sum())
+        bad |= m
+    w = weight.values if weight is not None else np.full(n, default_weight, dtype=np.float64)
+    return CheckedRows(
+        user=user,
+        item=item,
+        ts=ts.values,
+        weight=w,
+        event_id=event_id,
+        ok=~bad,
+        skipped=Counter({k: v for k, v in counts.items() if v}),
+        rows=n + sum((skipped or {}).values()),
+    )
+
+
 def _to_log(
     raw: _Raw,
     path: Path | str,
@@ -534,58 +630,28 @@ def _to_log(
     catalogue: Catalogue,
     default_weight: float,
 ) -> tuple[InteractionLog, LoadReport]:
-    n = raw.length
-    report = LoadReport(rows_read=raw.rows, skipped=Counter(raw.skipped))
-    user, user_enc = _text(raw.columns[cols["user"]], cols["user"], path)
-    item, item_enc = _text(raw.columns[cols["item"]], cols["item"], path)
-    ts = _seconds(raw.columns[cols["ts"]], cols["ts"], path)
-    weight = _weights(raw.columns[cols["weight"]], cols["weight"], path) if cols["weight"] in raw.columns else None
-
-    user_idx, _ = _codes(user)
-    item_idx, item_names = _codes(item)
+    checked = check_rows(raw.columns, path, cols, default_weight, raw.skipped)
+    report = LoadReport(rows_read=raw.rows, skipped=Counter(checked.skipped))
+    user_idx, _ = _codes(checked.user)
+    item_idx, item_names = _codes(checked.item)
     item_ids = {name: i for i, name in enumerate(item_cluster)}
     lut = np.array([item_ids.get(s, -1) for s in item_names] + [-1], dtype=np.int64)
     item_dense = lut[item_idx]  # idx -1 (null) hits the trailing -1
-
-    enc = np.zeros(n, dtype=bool)
-    for m in (
-        user_enc,
-        item_enc,
-        ts.problems.get("bad_encoding"),
-        weight.problems.get("bad_encoding") if weight else None,
-    ):
-        if m is not None:
-            enc |= m
-    missing = (user_idx < 0) | (item_idx < 0) | ts.missing
-    if weight is not None:
-        missing |= weight.missing
-    checks: list[tuple[str, np.ndarray]] = [("bad_encoding", enc), ("missing_field", missing)]
-    checks += [(k, ts.problems[k]) for k in ("bad_timestamp", "timestamp_out_of_range")]
-    if weight is not None:
-        checks += [(k, weight.problems[k]) for k in ("bad_weight", "negative_weight", "weight_out_of_range")]
-    checks.append(("unknown_item", item_dense < 0))
-    bad = np.zeros(n, dtype=bool)
-    for reason, mask in checks:  # first reason wins: each skipped row is counted once
-        m = mask & ~bad
-        report.skipped[reason] += int(m.sum())
-        bad |= m
-    report.skipped = Counter({k: v for k, v in report.skipped.items() if v})
-
-    ok = ~bad
+    unknown = checked.ok & (item_dense < 0)
+    if unknown.any():
+        report.skipped["unknown_item"] += int(unknown.sum())
+    ok = checked.ok & ~unknown
     user_codes, _ = pd.factorize(user_idx[ok])  # dense user ids in first-seen order
     log = InteractionLog(
         user=np.asarray(user_codes, dtype=np.int64),
         item=item_dense[ok].astype(np.int64),
-        ts=ts.values[ok].astype(np.int64),
-        weight=(weight.values[ok] if weight is not None else np.full(int(ok.sum()), default_weight)).astype(np.float32),
+        ts=checked.ts[ok].astype(np.int64),
+        weight=checked.weight[ok].astype(np.float32),
         item_cluster=np.fromiter(item_cluster.values(), dtype=np.int32, count=len(item_cluster)),
         catalogue=catalogue,
     )
     report.rows_kept = len(log)
     return log, report
-
-
-_CANONICAL = {"user": "user", "item": "item", "ts": "ts", "weight": "weight"}
 
 
 def frame_to_log(

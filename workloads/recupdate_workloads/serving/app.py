@@ -45,6 +45,15 @@ from fastapi.routing import APIRoute
 from pydantic_core import from_json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from recupdate_workloads.serving.intake import (
+    INTAKE_PATH,
+    Intake,
+    IntakeResult,
+    IntakeUnavailable,
+    InteractionBatch,
+    intake_enabled,
+    intake_max_body_bytes,
+)
 from recupdate_workloads.serving.schema import RecommendRequest, RecommendResponse, UnknownClusters
 from recupdate_workloads.serving.service import RecommenderService
 
@@ -81,10 +90,13 @@ def max_body_bytes(environ: Mapping[str, str] | None = None) -> int:
     return value
 
 
-def _error_body(message: str, errors: list[dict[str, Any]]) -> bytes:
+def _error_body(message: str, errors: list[dict[str, Any]], extra: Mapping[str, Any] | None = None) -> bytes:
     # The texts are cleaned of lone surrogates (_text); backslashreplace is the net should one slip through.
     body = json.dumps(
-        {"message": message, "detail": errors}, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        {"message": message, "detail": errors, **(extra or {})},
+        ensure_ascii=False,
+        allow_nan=False,
+        separators=(",", ":"),
     )
     return body.encode("utf-8", "backslashreplace")
 
@@ -96,19 +108,31 @@ class BodyLimit:
     The unread rest of a refused body is drained and dropped by the server (uvicorn), so the client still
     reads the 413 and the connection stays usable."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES, per_path: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = dict(per_path or {})  # exact paths (below the root path) with limits of their own
+
+    def limit(self, scope: Scope) -> int:
+        if not self.per_path:
+            return self.max_bytes
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # Serve passes the route prefix as root_path, the full path as path
+            path = path[len(root) :]
+        return self.per_path.get(path, self.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.limit(scope)
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 with contextlib.suppress(ValueError):  # malformed: the server refuses those; count instead
-                    if int(value) > self.max_bytes:
-                        await self._too_large(send)
+                    if int(value) > max_bytes:
+                        await self._too_large(send, max_bytes)
                         return
         chunks: list[bytes] = []
         size = 0
@@ -119,8 +143,8 @@ class BodyLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._too_large(send)
+            if size > max_bytes:
+                await self._too_large(send, max_bytes)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -135,11 +159,11 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send) -> None:
-        msg = f"the request body is larger than {self.max_bytes} bytes"
+    async def _too_large(self, send: Send, max_bytes: int) -> None:
+        msg = f"the request body is larger than {max_bytes} bytes"
         body = _error_body(
             f"body: {msg}",
-            [{"type": "body_too_large", "loc": ["body"], "msg": msg, "ctx": {"max_bytes": self.max_bytes}}],
+            [{"type": "body_too_large", "loc": ["body"], "msg": msg, "ctx": {"max_bytes": max_bytes}}],
         )
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
@@ -317,13 +341,11 @@ def _summary(errors: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def _invalid(errors: Sequence[Mapping[str, Any]], hint: str = "") -> Response:
-    """The 422 answer: at most MAX_ECHOED_ERRORS errors, each bounded (_echo), no more once the body would pass
-    MAX_ERROR_BODY_BYTES (the first is always listed); the message says how many were left out. Its cost does
-    not grow with the input: nothing is serialised whole and cut afterwards."""
-    total = len(errors)
+def _echoes(errors: Sequence[Mapping[str, Any]], reserved: int = 0) -> list[dict[str, Any]]:
+    """The first errors as answered: at most MAX_ECHOED_ERRORS, each bounded (_echo), no more once the body
+    (``reserved`` bytes besides) would pass MAX_ERROR_BODY_BYTES; the first is always listed."""
     errs: list[dict[str, Any]] = []
-    size = len(hint.encode()) + 100
+    size = reserved + 100
     for e in itertools.islice(errors, MAX_ECHOED_ERRORS):
         echo = _echo(e)
         # an error's share of the body: its entry, and its part of the message
@@ -332,15 +354,31 @@ def _invalid(errors: Sequence[Mapping[str, Any]], hint: str = "") -> Response:
             break
         errs.append(echo)
         size += cost
+    return errs
+
+
+def _invalid(errors: Sequence[Mapping[str, Any]], hint: str = "", extra: Mapping[str, Any] | None = None) -> Response:
+    """The 422 answer: the first errors (_echoes); the message says how many were left out. Its cost does not
+    grow with the input: nothing is serialised whole and cut afterwards. ``extra``: further keys of the body."""
+    total = len(errors)
+    errs = _echoes(errors, len(hint.encode()))
     message = hint + _summary(errs)
     if total > len(errs):
         message += f" (and {total - len(errs)} more errors)"
-    return Response(_error_body(message, errs), status_code=422, media_type="application/json")
+    return Response(_error_body(message, errs, extra), status_code=422, media_type="application/json")
 
 
-def make_api(service: RecommenderService, lifespan: Any = None, *, body_limit: int | None = None) -> FastAPI:
-    """The FastAPI app over a service: POST /recommend, GET /healthz, GET /release. Request bodies larger than
-    ``body_limit`` bytes (default: max_body_bytes(), from the environment) are answered 413 unread."""
+def make_api(
+    service: RecommenderService,
+    lifespan: Any = None,
+    *,
+    body_limit: int | None = None,
+    intake_body_limit: int | None = None,
+) -> FastAPI:
+    """The FastAPI app over a service: POST /recommend, GET /healthz, GET /release, and the event intake POST
+    /v1/interactions (``service.intake``; off with ``$RECUPDATE_INTAKE=off``). Request bodies larger than
+    ``body_limit`` bytes (default: max_body_bytes(), from the environment) are answered 413 unread; the intake
+    has its own limit, ``intake_body_limit`` (default: intake_max_body_bytes())."""
     api = FastAPI(
         title="recupdate recommender",
         description="Next novel interest clusters from the transition table of the active release.",
@@ -348,7 +386,13 @@ def make_api(service: RecommenderService, lifespan: Any = None, *, body_limit: i
         lifespan=lifespan,
     )
     api.router.route_class = StrictJSONRoute
-    api.add_middleware(BodyLimit, max_bytes=max_body_bytes() if body_limit is None else body_limit)
+    with_intake = service.intake is not None and intake_enabled()
+    per_path = {INTAKE_PATH: intake_max_body_bytes() if intake_body_limit is None else intake_body_limit}
+    api.add_middleware(
+        BodyLimit,
+        max_bytes=max_body_bytes() if body_limit is None else body_limit,
+        per_path=per_path if with_intake else None,
+    )
 
     @api.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -379,7 +423,53 @@ def make_api(service: RecommenderService, lifespan: Any = None, *, body_limit: i
     async def release() -> JSONResponse:
         return JSONResponse(service.release_info())
 
+    if with_intake and service.intake is not None:
+        _add_intake(api, service.intake)
     return api
+
+
+def _add_intake(api: FastAPI, intake: Intake) -> None:
+    @api.post(
+        INTAKE_PATH,
+        response_model=IntakeResult,
+        summary="Append a batch of interaction events",
+        responses={
+            413: {"description": "The body is larger than the intake's limit; nothing was read."},
+            422: {"description": "Not a batch, or no event of it could be written; nothing was written."},
+            503: {"description": "Nothing can be written now (no release yet, schema not ready, store down)."},
+        },
+    )
+    async def interactions(batch: InteractionBatch) -> Response:
+        """Valid events are written and the invalid ones reported by index and reason (docs/data.md)."""
+        try:
+            out = await intake.submit(batch.events)
+        except IntakeUnavailable as exc:
+            body = _error_body(_text(str(exc), _MSG_CHARS), [])
+            return Response(body, status_code=503, media_type="application/json", headers={"Retry-After": "5"})
+        rejected = [e.index for e in out.errors]
+        if out.accepted == 0 and out.duplicates == 0:
+            return _invalid(
+                [e.as_error() for e in out.errors],
+                f"no event of the batch could be written ({len(rejected)} rejected): ",
+                {"reasons": out.reasons, "rejected_rows": rejected},
+            )
+        result = {
+            "read": out.read,
+            "accepted": out.accepted,
+            "duplicates": out.duplicates,
+            "rejected": len(rejected),
+            "reasons": out.reasons,
+            "rejected_rows": rejected,
+            "detail": _echoes([e.as_error() for e in itertools.islice(out.errors, MAX_ECHOED_ERRORS)]),
+            "store_schema": out.schema,
+        }
+        return Response(_compact(result), media_type="application/json")
+
+
+def _compact(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+        "utf-8", "backslashreplace"
+    )
 
 
 USER_CONFIG_ENV = "RECUPDATE_SERVE_USER_CONFIG"

@@ -21,6 +21,7 @@ from fastapi import HTTPException
 from recupdate_workloads.contract.redact import redact, redact_logs
 from recupdate_workloads.contract.serve import UserConfig
 from recupdate_workloads.data.types import PairEvidence
+from recupdate_workloads.serving.intake import Intake
 from recupdate_workloads.serving.release import Loaded, _bounded_put, last_two_distinct, load_release, rank_online
 from recupdate_workloads.serving.schema import RecommendRequest
 
@@ -57,6 +58,7 @@ class RecommenderService:
         rank_fn: RankFn = rank_online,
         max_pending_model_calls: int = 4,
         retry_delays_s: Sequence[float] = (2.0, 5.0, 15.0, 30.0, 60.0),
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.loaded: Loaded | None = None
         self.loader: Loader = loader or (lambda cfg: load_release(cfg))
@@ -74,6 +76,10 @@ class RecommenderService:
         self._generation = 0
         self.loading: str | None = None
         self._replica = os.environ.get("RAY_SERVE_REPLICA_ID") or f"pid-{os.getpid()}"
+        self.target: UserConfig | None = None  # the latest valid user_config, loaded or not
+        # The event intake writes to the served release's schema (or, before one loads, the target's); it reads
+        # the DSN and its settings from ``environ`` (default: the process environment).
+        self.intake: Intake | None = Intake(self.store_target, environ=environ)
 
     # -- releases --
 
@@ -121,6 +127,7 @@ class RecommenderService:
             self.loading = str(user_config.get("release_id"))
             try:
                 cfg = UserConfig.model_validate(user_config)
+                self.target = cfg
                 if old is not None and old.config.same_release(cfg):
                     new = replace(old, config=cfg)  # only tuning knobs changed: keep the data, share caches
                 elif old is None:
@@ -160,6 +167,11 @@ class RecommenderService:
                 new.load_seconds,
             )
             return True
+
+    def store_target(self) -> tuple[str, str] | None:
+        """(store_schema, dsn_env) of the served release, else of the latest valid target; None before any."""
+        cfg = self.loaded.config if self.loaded is not None else self.target
+        return (cfg.store_schema, cfg.dsn_env) if cfg is not None else None
 
     def release_info(self) -> dict[str, Any]:
         b = self.loaded
@@ -255,3 +267,5 @@ class RecommenderService:
             self._retry.cancel()
         self._model_pool.shutdown(wait=False, cancel_futures=True)
         self._io_pool.shutdown(wait=False, cancel_futures=True)
+        if self.intake is not None:
+            self.intake.close()

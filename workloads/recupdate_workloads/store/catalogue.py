@@ -26,20 +26,33 @@ _ROW = np.dtype(
 )
 
 
-def save_catalogue(store: Store, catalogue: Catalogue, item_cluster: np.ndarray, embed: bool = True) -> None:
-    """Replace the clusters and items (idempotent for the same catalogue); clusters get MiniLM embeddings."""
+def save_catalogue(
+    store: Store,
+    catalogue: Catalogue,
+    item_cluster: np.ndarray,
+    embed: bool = True,
+    item_names: list[str] | None = None,
+) -> None:
+    """Replace the clusters and items (idempotent for the same catalogue); clusters get MiniLM embeddings.
+
+    Local mode's path (ids are the loader's dense ids). External ids: a cluster's name, an item's `item_names`
+    entry (default: its id as text). Real data goes through store.ingest.write_catalogue instead, which
+    updates by external id and never deletes."""
+    if item_names is not None and len(item_names) != len(item_cluster):
+        raise ValueError("item_names must name every item")
     vectors = embed_texts([f"{c.name}: {c.description}" for c in catalogue.clusters]) if embed else None
     with store.tx() as conn:
         conn.execute("TRUNCATE items")
         conn.execute("DELETE FROM clusters")
-        with conn.cursor().copy("COPY clusters (cluster, name, keywords, embedding) FROM STDIN (FORMAT BINARY)") as cp:
-            cp.set_types(["int4", "text", "text[]", "vector"])
+        copy = "COPY clusters (cluster, name, keywords, embedding, external) FROM STDIN (FORMAT BINARY)"
+        with conn.cursor().copy(copy) as cp:
+            cp.set_types(["int4", "text", "text[]", "vector", "text"])
             for c in catalogue.clusters:
-                cp.write_row((c.id, c.name, list(c.keywords), None if vectors is None else vectors[c.id]))
-        with conn.cursor().copy("COPY items (item_id, cluster) FROM STDIN (FORMAT BINARY)") as cp:
-            cp.set_types(["int8", "int4"])
+                cp.write_row((c.id, c.name, list(c.keywords), None if vectors is None else vectors[c.id], c.name))
+        with conn.cursor().copy("COPY items (item_id, cluster, external) FROM STDIN (FORMAT BINARY)") as cp:
+            cp.set_types(["int8", "int4", "text"])
             for i, cl in enumerate(item_cluster.tolist()):
-                cp.write_row((i, cl))
+                cp.write_row((i, cl, item_names[i] if item_names is not None else str(i)))
 
 
 def load_catalogue(store: Store) -> tuple[Catalogue, np.ndarray]:
@@ -62,7 +75,8 @@ def append_interactions(store: Store, log: InteractionLog) -> int:
     rows["n"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 4, 8, 8, 8, 4
     rows["user"], rows["item"], rows["ts"], rows["weight"] = log.user, log.item, log.ts, log.weight
     header = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8
-    with store.tx() as conn, conn.cursor().copy("COPY interactions FROM STDIN (FORMAT BINARY)") as cp:
+    copy = "COPY interactions (user_id, item_id, ts, weight) FROM STDIN (FORMAT BINARY)"
+    with store.tx() as conn, conn.cursor().copy(copy) as cp:
         cp.write(header)
         view = rows.tobytes()
         step = 46 * 65536
