@@ -71,9 +71,8 @@ async def test_standin_model_through_finetune_gates_table_and_serving(
     assert rel.base_model == str(base) and rel.state == "candidate"
     adapter = Path(rel.adapter_uri.removeprefix("file://"))  # type: ignore[union-attr]
     trained = json.loads((adapter / "metrics.json").read_text())
-    assert trained["lora"]["target_modules"] == [
-        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"
-    ]  # fmt: skip
+    llama_family = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert trained["lora"]["target_modules"] == llama_family  # found in the model: none was configured
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     g = rel.gates
     assert g["exactMatch"]["value"] >= 0.9, g
@@ -114,4 +113,4 @@ async def test_standin_model_through_finetune_gates_table_and_serving(
         assert info["online_generation"] and info["base_model"] == str(base)
     service.shutdown()
     print(f"stand-in {t_base - t0:.1f}s, fine-tune job {t_ft - t_base:.1f}s, total {time.perf_counter() - t0:.1f}s")
-    print(json.dumps({"gates": g, "metrics": rel.metrics, "train": {k: trained[k] for k in ("seconds", "examples", "tokens", "train_loss")}}))
+    print(json.dumps({"gates": g, "train_seconds": trained["seconds"], "examples": trained["examples"]}))

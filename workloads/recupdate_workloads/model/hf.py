@@ -100,3 +100,15 @@ def lora_target_modules(model: Any, requested: str | Sequence[str] | None) -> li
             f"its linear layers are {available} (leave lora.targetModules empty to adapt them all)"
         )
     return names
+
+
+def fan_in_fan_out(model: Any, targets: Sequence[str]) -> bool:
+    """Whether the targeted layers store their weight transposed (GPT-2's ``Conv1D``), which PEFT's LoRA must
+    be told (``LoraConfig.fan_in_fan_out``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(
+        isinstance(m, Conv1D) and any(full == t or full.endswith("." + t) for t in targets)
+        for full, m in base.named_modules()
+    )

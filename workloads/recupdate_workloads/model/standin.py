@@ -193,7 +193,9 @@ def build_model(tokenizer: Any, *, arch: str = "qwen2", size: StandinSize | None
     vocab = int(math.ceil(len(tokenizer) / 64) * 64)
     eot = tokenizer.eos_token_id
     torch.manual_seed(seed)
+    sdpa: dict[str, Any] = {"attn_implementation": "sdpa"}
     model: Any
+    cfg: Any
     if arch == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -208,7 +210,7 @@ def build_model(tokenizer: Any, *, arch: str = "qwen2", size: StandinSize | None
             tie_word_embeddings=True,
             bos_token_id=eot,
             eos_token_id=eot,
-            attn_implementation="sdpa",
+            **sdpa,
         )
         model = Qwen2ForCausalLM(cfg)
     elif arch == "gpt2":
@@ -223,7 +225,7 @@ def build_model(tokenizer: Any, *, arch: str = "qwen2", size: StandinSize | None
             n_inner=s.intermediate,
             bos_token_id=eot,
             eos_token_id=eot,
-            attn_implementation="sdpa",
+            **sdpa,
         )
         model = GPT2LMHeadModel(cfg)
     else:
@@ -240,13 +242,13 @@ def pretrain(
     *,
     epochs: int = 3,
     batch_size: int = 32,
-    lr: float = 3e-3,
+    lr: float = 5e-3,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Next-token loss over every position of each text + end-of-text (AdamW, linear warm-up and decay);
     returns the loss per epoch, tokens and seconds."""
     eot = tokenizer.eos_token_id
-    seqs = [ids + [eot] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    seqs = [[*ids, eot] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = max(1, math.ceil(len(seqs) / batch_size) * epochs)
     warm = max(1, steps // 20)
@@ -295,7 +297,7 @@ def build(
     n_documents: int = 3000,
     epochs: int = 3,
     batch_size: int = 32,
-    lr: float = 3e-3,
+    lr: float = 5e-3,
     seed: int = 0,
     num_threads: int | None = None,
 ) -> Path:

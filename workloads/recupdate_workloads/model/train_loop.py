@@ -12,6 +12,7 @@ The config (a plain dict, so it travels to Ray workers and comes from the policy
                      "auto": every linear layer but the output head, whatever the architecture (model/hf.py)
     device           default: cuda when visible (the Ray Train worker's GPU on Ray), else cpu
     dtype            of the frozen base: "auto" (bfloat16 on a GPU, float32 on a CPU), or a torch dtype name
+    compile          torch.compile the model for training (default false; shapes vary, so dynamic)
     lr 2e-3, epochs 3, batch_size 64, weight_decay 0.0, warmup_frac 0.05, max_grad_norm 1.0, seed 0
     num_threads      torch threads per worker (default: the worker's CPUs on Ray; torch's default inline).
                      On a machine shared with other busy processes, 1 thread is far faster than 2: spinning
@@ -117,7 +118,7 @@ def _train(cfg: dict[str, Any], threads: int, t_start: float, cpu_start: float) 
     from peft import LoraConfig, get_peft_model
 
     from recupdate_workloads.model.bootstrap import load_base
-    from recupdate_workloads.model.hf import default_device, lora_target_modules, resolve_dtype
+    from recupdate_workloads.model.hf import default_device, fan_in_fan_out, lora_target_modules, resolve_dtype
     from recupdate_workloads.model.training import encode_examples, fit
 
     on_ray = cfg.get("_executor") == "ray"
@@ -146,6 +147,7 @@ def _train(cfg: dict[str, Any], threads: int, t_start: float, cpu_start: float) 
             lora_alpha=int(lora["alpha"]),
             lora_dropout=float(lora["dropout"]),
             target_modules=lora["target_modules"],
+            fan_in_fan_out=fan_in_fan_out(base, lora["target_modules"]),
         ),
     )
     examples = _examples(cfg)
@@ -153,6 +155,8 @@ def _train(cfg: dict[str, Any], threads: int, t_start: float, cpu_start: float) 
     model: Any = peft_model
     if on_ray:
         model = ray.train.torch.prepare_model(peft_model)
+    if cfg.get("compile"):
+        model = torch.compile(model, dynamic=True)
     setup_seconds = time.perf_counter() - t_start
 
     stats = fit(
