@@ -27,7 +27,7 @@ from recupdate_workloads.store import registry as reg
 from recupdate_workloads.store import tables
 from recupdate_workloads.store.db import Store
 
-SPEC = SyntheticSpec(n_interactions=16_000, n_clusters=14, days=360, period_days=90, drift=0.2, seed=5)
+SPEC = SyntheticSpec(n_interactions=10_000, n_clusters=14, days=360, period_days=90, drift=0.2, seed=5)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -44,7 +44,7 @@ def _config(store: Store, tmp_path: Path, base: Path, end_day: int) -> dict:
         "data": {"positiveThreshold": 3.5},
         "retrieval": {"window": "60d", "topSuccessors": 5, "minSupport": 3, "neighbours": 3},
         "gates": {"minExactMatch": 0.9, "minRecall": 0.015, "maxRegression": 0.05},
-        "fineTune": {"hyperparameters": {"epochs": 2, "learningRate": 0.003, "batchSize": 64, "withEvidence": True}},
+        "fineTune": {"hyperparameters": {"epochs": 1, "learningRate": 0.003, "batchSize": 64, "withEvidence": True}},
         "executor": "inline",
         "storage": str(tmp_path / "artifacts"),
     }
@@ -59,7 +59,7 @@ async def test_standin_model_through_finetune_gates_table_and_serving(
     cat.append_interactions(store, s.generate())
     catalogue, _ = cat.load_catalogue(store)
     base = build(
-        tmp_path / "Qwen2-standin", catalogue, size=StandinSize(hidden=64, intermediate=128), n_documents=900, epochs=2
+        tmp_path / "Qwen2-standin", catalogue, size=StandinSize(hidden=64, intermediate=128), n_documents=600, epochs=2
     )
     meta = json.loads((base / METADATA_FILE).read_text())
     assert meta["architecture"] == "qwen2" and meta["answer_tokens"]["min"] >= 2

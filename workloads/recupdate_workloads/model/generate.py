@@ -5,8 +5,8 @@ Top-N for the transition table is ranking by LIKELIHOOD, not beam search:
   calibrated scores (log-probabilities under the model) and can only ever return valid clusters;
 - with single-token cluster names (the bootstrap tokenizer) that is ONE forward pass per batch of prompts,
   with logits taken only at the last position and only for the cluster tokens; for a general multi-token
-  tokenizer it is one prompt pass plus one teacher-forced pass over all candidates that reuses the prompt's
-  KV cache;
+  tokenizer it is one prompt pass plus one teacher-forced pass over the candidates' prefix tree on the
+  prompt's KV cache (a prefix shared by several names is computed once);
 - beam search of width N does N-times the decode work per generated token, returns only N items (some of
   which may map to no cluster), and its scores are pruned-search artefacts rather than a full ranking.
 ``bench_finetune.py`` measures both (prompts/s), together with plain greedy generation.
