@@ -5,8 +5,8 @@ Top-N for the transition table is ranking by LIKELIHOOD, not beam search:
   calibrated scores (log-probabilities under the model) and can only ever return valid clusters;
 - with single-token cluster names (the bootstrap tokenizer) that is ONE forward pass per batch of prompts,
   with logits taken only at the last position and only for the cluster tokens; for a general multi-token
-  tokenizer it is one prompt pass plus one teacher-forced pass over all candidates that reuses the prompt's
-  KV cache;
+  tokenizer it is one prompt pass plus one teacher-forced pass over the candidates' prefix tree on the
+  prompt's KV cache (a prefix shared by several names is computed once);
 - beam search of width N does N-times the decode work per generated token, returns only N items (some of
   which may map to no cluster), and its scores are pruned-search artefacts rather than a full ranking.
 ``bench_finetune.py`` measures both (prompts/s), together with plain greedy generation.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -76,12 +77,134 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+@dataclass(frozen=True)
+class _Trie:
+    """The candidates' token prefixes as a tree, flattened for one pass over all of them.
+
+    Node i stands for one distinct non-empty prefix; its token is the prefix's last token, at position
+    (prompt length + depth - 1). A node attends to the prompt, its ancestors and itself, so its output is the
+    next-token distribution after its prefix. Every step of every candidate (a next token after a prefix, the
+    end-of-text after the whole candidate) reads one node's distribution: (step_node, step_token, step_cand)."""
+
+    tokens: torch.Tensor  # [T]
+    depth: torch.Tensor  # [T], 1 for a first token
+    sees: torch.Tensor  # [T, T] bool: node i attends to node j
+    first: torch.Tensor  # [C] each candidate's first token, scored at the prompt's last position
+    step_node: torch.Tensor  # [S]
+    step_token: torch.Tensor  # [S]
+    step_cand: torch.Tensor  # [S]
+
+
+def _trie(candidates: Sequence[Sequence[int]], eos: int | None, device: torch.device) -> _Trie:
+    nodes: dict[tuple[int, ...], int] = {}
+    for c in candidates:
+        for k in range(1, len(c) + 1):
+            nodes.setdefault(tuple(c[:k]), len(nodes))  # a parent is always numbered before its children
+    order = list(nodes)
+    sees = torch.zeros((len(order), len(order)), dtype=torch.bool)
+    for i, p in enumerate(order):
+        for k in range(1, len(p) + 1):
+            sees[i, nodes[p[:k]]] = True
+    steps: list[tuple[int, int, int]] = []
+    for j, c in enumerate(candidates):
+        steps += [(nodes[tuple(c[:k])], c[k], j) for k in range(1, len(c))]
+        if eos is not None:
+            steps.append((nodes[tuple(c)], eos, j))
+    node, token, cand = zip(*steps, strict=True) if steps else ((), (), ())
+
+    def t(x: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(list(x), dtype=torch.long, device=device)
+
+    return _Trie(
+        tokens=t([p[-1] for p in order]),
+        depth=t([len(p) for p in order]),
+        sees=sees.to(device),
+        first=t([c[0] for c in candidates]),
+        step_node=t(node),
+        step_token=t(token),
+        step_cand=t(cand),
+    )
+
+
+def _tree_parts(model: Any) -> tuple[Any, Any] | None:
+    """(decoder, output head) when the logits are exactly head(decoder output); None for a model that scales
+    or caps them on the way (Gemma's soft-capping, Cohere's logit scale) or does not expose the two."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    get_decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if get_decoder is None or head is None:
+        return None
+    try:
+        decoder = get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    return (decoder, head) if decoder is not None else None
+
+
+def _forward_kwargs(module: Any) -> set[str]:
+    return set(inspect.signature(type(module).forward).parameters)
+
+
+#: Scored positions per tree pass (prompts x trie nodes); bounds the activations and the 4D mask.
+TREE_POSITIONS = 16_384
+#: Logits materialised at once (positions x vocabulary), e.g. 1,700 positions of a 152k-word vocabulary.
+LOGIT_ELEMENTS = 1 << 28
+
+
 @torch.inference_mode()
 def _multi_token_logprobs(
     model: Any, tokenizer: Any, prompts: Sequence[str], candidates: Sequence[Sequence[int]], batch_size: int
 ) -> np.ndarray:
-    """log P(candidate + EOS | prompt) for every (prompt, candidate), teacher-forced: a prompt pass (its last
-    position scores every candidate's first token) and one pass of all candidates over the repeated KV cache."""
+    """log P(candidate + EOS | prompt) for every (prompt, candidate), teacher-forced, in two passes per batch
+    of prompts: the prompt (its last position scores every candidate's first token), then every node of the
+    candidates' prefix tree at once over the prompt's KV cache, with a 4D mask that lets a node see its own
+    prefix only. A prefix shared by several candidates is computed once, the cache is not copied per
+    candidate, and the vocabulary projection is applied in slices. Models whose logits are not the head of
+    the decoder output take ``_multi_token_logprobs_repeat``."""
+    parts = _tree_parts(model)
+    if parts is None:
+        return _multi_token_logprobs_repeat(model, tokenizer, prompts, candidates, batch_size)
+    decoder, head = parts
+    device = _device(model)
+    trie = _trie(candidates, tokenizer.eos_token_id, device)
+    n_nodes, n_c = len(trie.tokens), len(candidates)
+    kw = "cache" if "cache" in _forward_kwargs(decoder) else "past_key_values"
+    dtype = head.weight.dtype if head.weight.is_floating_point() else torch.float32
+    vocab = head.weight.shape[0]
+    per_step = max(1, min(batch_size, TREE_POSITIONS // max(1, n_nodes)))
+    out = np.empty((len(prompts), n_c), dtype=np.float32)
+    for s in range(0, len(prompts), per_step):
+        ids, mask, pos = _encode_prompts(tokenizer, prompts[s : s + per_step], device)
+        b, p_len = ids.shape
+        res = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        total = torch.log_softmax(head(res.last_hidden_state[:, -1]).float(), -1)[:, trie.first]  # [b, C]
+        if len(trie.step_node):
+            cache = getattr(res, "cache", None) or res.past_key_values
+            see = torch.cat([mask.bool()[:, None, :].expand(b, n_nodes, p_len), trie.sees.expand(b, -1, -1)], dim=2)
+            att = torch.zeros(see.shape, dtype=dtype, device=device).masked_fill_(~see, torch.finfo(dtype).min)
+            tpos = mask.sum(1, keepdim=True) + trie.depth[None, :] - 1
+            inp = trie.tokens[None, :].expand(b, -1)
+            hidden = decoder(
+                input_ids=inp, attention_mask=att[:, None], position_ids=tpos, use_cache=True, **{kw: cache}
+            ).last_hidden_state  # [b, T, H]
+            rows = max(1, LOGIT_ELEMENTS // max(1, n_nodes * vocab))
+            for r in range(0, b, rows):
+                logits = head(hidden[r : r + rows])  # [rows, T, V]
+                lse = torch.logsumexp(logits.float(), -1)  # [rows, T]
+                step = logits[:, trie.step_node, trie.step_token].float() - lse[:, trie.step_node]  # [rows, S]
+                total[r : r + rows].index_add_(1, trie.step_cand, step)
+        out[s : s + b] = total.cpu().numpy()
+    return out
+
+
+@torch.inference_mode()
+def _multi_token_logprobs_repeat(
+    model: Any, tokenizer: Any, prompts: Sequence[str], candidates: Sequence[Sequence[int]], batch_size: int
+) -> np.ndarray:
+    """The same scores as ``_multi_token_logprobs`` through the model's own forward only: a prompt pass, then
+    every candidate as its own row over the prompt's KV cache repeated once per candidate."""
     device = _device(model)
     eos = tokenizer.eos_token_id
     cands = [list(c) + ([eos] if eos is not None else []) for c in candidates]

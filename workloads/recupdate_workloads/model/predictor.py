@@ -40,10 +40,12 @@ class Predictor:
         import torch
 
         from recupdate_workloads.model.bootstrap import load_base
+        from recupdate_workloads.model.hf import default_device, default_dtype
         from recupdate_workloads.model.train_loop import load_adapter
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        model, tok = load_base(local_path(base))
+        device = default_device()  # bulk inference on the job's GPU when it has one
+        model, tok = load_base(local_path(base), device=device, dtype=default_dtype(device))
         if adapter_uri:
             model = load_adapter(model, local_path(adapter_uri), merge=True)  # merged: faster bulk inference
         return cls(model, tok, catalogue, with_evidence, top_r)

@@ -8,7 +8,11 @@ The config (a plain dict, so it travels to Ray workers and comes from the policy
     examples_path    a .jsonl / .parquet of them                                    (one of the two)
     output_dir       where the adapter ends up (adapter_model.safetensors, adapter_config.json,
                      metrics.json)                                                   (required)
-    lora             {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": [...]}
+    lora             {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": [...]}; target_modules empty or
+                     "auto": every linear layer but the output head, whatever the architecture (model/hf.py)
+    device           default: cuda when visible (the Ray Train worker's GPU on Ray), else cpu
+    dtype            of the frozen base: "auto" (bfloat16 on a GPU, float32 on a CPU), or a torch dtype name
+    compile          torch.compile the model for training (default false; shapes vary, so dynamic)
     lr 2e-3, epochs 3, batch_size 64, weight_decay 0.0, warmup_frac 0.05, max_grad_norm 1.0, seed 0
     num_threads      torch threads per worker (default: the worker's CPUs on Ray; torch's default inline).
                      On a machine shared with other busy processes, 1 thread is far faster than 2: spinning
@@ -47,9 +51,11 @@ __all__ = [
     "train_loop_per_worker",
 ]
 
+#: The linear layers of the Llama family (Llama, Qwen2, Mistral): what the default ("auto") adapts there.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULTS: dict[str, Any] = {
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": list(DEFAULT_TARGET_MODULES)},
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "auto"},
+    "dtype": "auto",
     "lr": 2e-3,
     "epochs": 3,
     "batch_size": 64,
@@ -117,6 +123,7 @@ def _train(cfg: dict[str, Any], threads: int, t_start: float, cpu_start: float) 
     from peft import LoraConfig, get_peft_model
 
     from recupdate_workloads.model.bootstrap import load_base
+    from recupdate_workloads.model.hf import default_device, fan_in_fan_out, lora_target_modules, resolve_dtype
     from recupdate_workloads.model.training import encode_examples, fit
 
     on_ray = cfg.get("_executor") == "ray"
@@ -129,15 +136,13 @@ def _train(cfg: dict[str, Any], threads: int, t_start: float, cpu_start: float) 
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         device = ray.train.torch.get_device()
-    elif cfg.get("device"):
-        device = cfg["device"]
-    elif torch.cuda.is_available():
-        device = "cuda"
+    else:
+        device = cfg.get("device") or default_device()
 
-    base, tokenizer = load_base(cfg["base_model"], device=device)
+    base, tokenizer = load_base(cfg["base_model"], device=device, dtype=resolve_dtype(cfg.get("dtype"), device))
     for p in base.parameters():
         p.requires_grad_(False)
-    lora = cfg["lora"]
+    lora = {**cfg["lora"], "target_modules": lora_target_modules(base, cfg["lora"].get("target_modules"))}
     torch.manual_seed(int(cfg["seed"]))
     peft_model = get_peft_model(
         base,
@@ -146,7 +151,8 @@ def _train(cfg: dict[str, Any], threads: int, t_start: float, cpu_start: float) 
             r=int(lora["r"]),
             lora_alpha=int(lora["alpha"]),
             lora_dropout=float(lora["dropout"]),
-            target_modules=list(lora["target_modules"]),
+            target_modules=lora["target_modules"],
+            fan_in_fan_out=fan_in_fan_out(base, lora["target_modules"]),
         ),
     )
     examples = _examples(cfg)
@@ -154,6 +160,8 @@ def _train(cfg: dict[str, Any], threads: int, t_start: float, cpu_start: float) 
     model: Any = peft_model
     if on_ray:
         model = ray.train.torch.prepare_model(peft_model)
+    if cfg.get("compile"):
+        model = torch.compile(model, dynamic=True)
     setup_seconds = time.perf_counter() - t_start
 
     stats = fit(

@@ -68,7 +68,16 @@ def left_pad(
             ids[i, t - len(s) :] = torch.as_tensor(s, dtype=torch.long)
             mask[i, t - len(s) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
+    return to_device(ids, device), to_device(mask, device), to_device(pos, device)
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory without waiting (a plain copy from pageable
+    memory waits for the device to finish its queued work, so the host could not run ahead)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return x.pin_memory().to(dev, non_blocking=True)
+    return x.to(dev)
 
 
 def forward_last(
@@ -87,15 +96,16 @@ def answer_batch_loss(
     model: Any, batch: Sequence[Sequence[int]], answer_lens: Sequence[int], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the answer tokens of a batch, and their count."""
-    ids, mask, pos = left_pad(batch, pad_id, device)
+    ids, mask, pos = left_pad(batch, pad_id)  # built on the host, then moved together
     a = max(answer_lens)
     t = ids.shape[1]
-    logits = forward_last(model, ids, mask, pos, a + 1)[:, :-1]  # position p predicts token p + 1
     labels = ids[:, t - a :].clone()
-    lens = torch.as_tensor(answer_lens, device=device)
-    labels[torch.arange(a, device=device)[None, :] < (a - lens)[:, None]] = -100
+    lens = torch.as_tensor(answer_lens)
+    labels[torch.arange(a)[None, :] < (a - lens)[:, None]] = -100
+    ids, mask, pos, labels = (to_device(x, device) for x in (ids, mask, pos, labels))
+    logits = forward_last(model, ids, mask, pos, a + 1)[:, :-1]  # position p predicts token p + 1
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
-    return loss, int(lens.sum().item())
+    return loss, int(sum(answer_lens))  # counted on the host: no device sync
 
 
 @dataclass
@@ -166,7 +176,8 @@ def fit(
     if not params:
         raise ValueError("model has no trainable parameters")
     device = params[0].device
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # Fused: one kernel for all parameters instead of several per tensor (CUDA only).
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     mine = shard_indices(len(encoded), rank, world, seed)
     lengths = np.array([len(s) for s in encoded.sequences])
     steps_per_epoch = math.ceil(len(mine) / batch_size)
@@ -186,7 +197,9 @@ def fit(
     for epoch in range(epochs):
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed + 1 + epoch * 7919 + rank)
-        loss_sum, ans_tokens = 0.0, 0
+        # The loss is summed on the device and read once per epoch: reading it every step would make the host
+        # wait for the device, which then waits for the host to launch the next step.
+        loss_sum, ans_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
         for b in make_batches(mine, lengths, batch_size, rng):
             seqs = [encoded.sequences[i] for i in b]
             alens = [encoded.answer_lens[i] for i in b]
@@ -198,7 +211,7 @@ def fit(
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            loss_sum += float(loss.item())
+            loss_sum += loss.detach()
             ans_tokens += n
             stats.examples += len(b)
             stats.tokens += sum(len(s) for s in seqs)
@@ -206,7 +219,7 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.answer_tokens += ans_tokens
-        stats.epoch_loss.append(loss_sum / max(1, ans_tokens))
+        stats.epoch_loss.append(float(loss_sum) / max(1, ans_tokens))
         stats.epoch_seconds.append(time.perf_counter() - t0)
         if on_epoch is not None:
             on_epoch(epoch, stats)

@@ -243,17 +243,19 @@ def load_model(adapter_uri: str, base_model: str | None) -> tuple[Any, Any, str 
     import torch
 
     from recupdate_workloads.model.bootstrap import load_base
+    from recupdate_workloads.model.hf import default_device, default_dtype
     from recupdate_workloads.model.train_loop import load_adapter
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    device = default_device()  # the replica's GPU when serving.resources gives it one
     if is_adapter:
         base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"adapter {adapter_uri} names no base model and the release has none")
-        model, tokenizer = load_base(base)
+        model, tokenizer = load_base(base, device=device, dtype=default_dtype(device))
         model = load_adapter(model, path, merge=True)
         return model, tokenizer, str(base)
-    model, tokenizer = load_base(path)
+    model, tokenizer = load_base(path, device=device, dtype=default_dtype(device))
     return model, tokenizer, str(path)
 
 
