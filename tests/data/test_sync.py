@@ -71,7 +71,12 @@ def test_files_are_ingested_once_each(store: Store, tmp_path: Path) -> None:
     (events / "_SUCCESS").write_text("")  # writers' markers are not data
     (events / ".part-0.parquet.crc").write_bytes(b"\x00\x01")
     r = sync(store, _cfg(tmp_path), run_id="r1", embed=False, batch_rows=128)
-    assert (r.interactions.new, r.files, r.catalogue.clusters, r.catalogue.items) == (800, 4, 3, 12)  # 2 + items, clusters
+    assert (r.interactions.new, r.files, r.catalogue.clusters, r.catalogue.items) == (
+        800,
+        4,
+        3,
+        12,
+    )  # 2 + items, clusters
     assert r.catalogue.clusters_new == 3 and not r.interactions.skipped
     names = [c.name for c in cat.load_catalogue(store)[0].clusters]
     assert sorted(names) == ["Comedy", "Noir", "genre-2"]  # genre-2 named by its id: no clusters row

@@ -282,7 +282,9 @@ def read_query(
             where = sql.SQL(" WHERE q.{} > %s::{}").format(wm, sql.SQL(_type_name(after[1])))
             params.append(after[0])
         where = where + sql.SQL(" ORDER BY q.{}").format(wm)
-    text = sql.SQL("SELECT * FROM ({}) AS q").format(sql.SQL(q.query.strip().rstrip(";"))) + where  # type: ignore[arg-type]
+    # The user's query is text, not a template: its own '%' (LIKE 'a%', modulo) must not read as a placeholder.
+    user_query = sql.SQL(q.query.strip().rstrip(";").replace("%", "%%"))  # type: ignore[arg-type]
+    text = sql.SQL("SELECT * FROM ({}) AS q").format(user_query) + where
     where_name = "sql"
     try:
         with psycopg.connect(dsn, connect_timeout=10) as conn:
