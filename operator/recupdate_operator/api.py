@@ -600,6 +600,18 @@ class FailureCounts(StatusModel):
     refresh: int = Field(default=0, ge=0, description="Consecutive failed refreshes (drives backoff).")
 
 
+class SyncStatus(StatusModel):
+    """The data sync of a run (docs/data.md): what came in from the policy's sources before it counted."""
+
+    run_id: str = Field(..., description="The run whose sync step this was.")
+    rows: int = Field(default=0, ge=0, description="Interaction rows read: new + duplicate + skipped.")
+    new: int = Field(default=0, ge=0, description="Interactions added to the store.")
+    duplicate: int = Field(default=0, ge=0, description="Rows whose event id the store already held.")
+    skipped: dict[str, int] = Field(default_factory=dict, description="Bad rows skipped, per reason.")
+    files: int = Field(default=0, ge=0, description="Files ingested.")
+    seconds: float = Field(default=0.0, ge=0.0, description="Wall seconds of the sync.")
+
+
 class PolicyStatus(StatusModel):
     observed_generation: int | None = Field(default=None, description="The spec generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Fresh, FineTuning, ...")
@@ -614,6 +626,9 @@ class PolicyStatus(StatusModel):
     )
     last_fine_tune: RunRef | None = Field(default=None, description="The latest finished or running fine-tune.")
     last_refresh: RunRef | None = Field(default=None, description="The latest finished or running refresh.")
+    last_sync: SyncStatus | None = Field(
+        default=None, description="The data sync of the newest run that recorded one (rows, bad rows per reason)."
+    )
     active_runs: list[RunRef] = Field(default_factory=list, description="Runs in flight.")
     failures: FailureCounts = Field(default_factory=FailureCounts, description="Consecutive failures per kind.")
     fine_tune_scheduled_at: datetime | None = Field(
