@@ -252,3 +252,28 @@ def test_ingest_cli_json_and_idempotence(pg_dsn: str, store: Store, tmp_path: Pa
     assert human.returncode == 2 and "part-2.parquet: not a readable Parquet file" in human.stderr
     assert "nothing was ingested" in human.stderr and human.stdout == ""
     assert _count(store, "SELECT count(*) FROM interactions") == 251
+
+
+def test_the_demo_policy_brings_its_own_data(store: Store) -> None:
+    """manifests/examples/demo-policy.yaml on a fresh store: the fine-tune config the planner builds syncs the
+    synthetic stream up to the run's time, enough to train on; a week later the next run adds only that week."""
+    from datetime import UTC, datetime
+
+    from recupdate_operator.api import RunKind
+    from recupdate_operator.local_driver import load_policy
+    from recupdate_operator.planner import run_config
+    from recupdate_workloads.jobs.config import RunConfig
+    from recupdate_workloads.jobs.run import load_triples
+
+    name, ns, spec, _ = load_policy(REPO / "manifests" / "examples" / "demo-policy.yaml")
+    when = datetime(2031, 5, 4, 3, 0, tzinfo=UTC)
+    cfg = RunConfig.parse(json.dumps(run_config(name, ns, spec, RunKind.FINETUNE, "demo-ft-1", when, None)))
+    first = sync(store, cfg.data, until=cfg.window_end, embed=False)
+    assert first.interactions.new > 40_000 and first.catalogue.clusters == 30
+    _, train = load_triples(store, cfg.window_start, cfg.holdout_start, cfg.positive_threshold)
+    assert len(train) > 1_000
+    week = sync(store, cfg.data, until=cfg.window_end + 7 * 86_400, embed=False)
+    assert 0 < week.interactions.new < first.interactions.new / 20 and week.catalogue.clusters_new == 0
+    assert sync(store, cfg.data, until=cfg.window_end + 7 * 86_400, embed=False).interactions.rows == 0
+    with store.tx() as c:
+        assert c.execute("SELECT max(ts) < %s FROM interactions", (cfg.window_end + 7 * 86_400,)).fetchone() == (True,)
