@@ -170,5 +170,5 @@ def test_unusable_column_type_is_one_clear_error(store: Store) -> None:
         ingest.write_interactions(
             store, pa.table({"user": ["a"], "item": ["m1"], "ts": pa.array([[1]])}), source="events.parquet"
         )
-    with pytest.raises(DataError, match="missing column.*'ts'"):
+    with pytest.raises(DataError, match=r"missing column.*'ts'"):
         ingest.write_interactions(store, {"user": ["a"], "item": ["m1"]}, source="intake")
