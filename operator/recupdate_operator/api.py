@@ -138,19 +138,164 @@ class ModelSpec(CamelModel):
     lora: LoRASpec = Field(default_factory=LoRASpec, description="LoRA adapter hyperparameters.")
 
 
+class SecretKeyRef(CamelModel):
+    name: str = Field(..., min_length=1, max_length=253, description="Name of a Secret in the policy's namespace.")
+    key: str = Field(default="dsn", min_length=1, max_length=253, description="Key in the Secret holding the value.")
+
+
+class DataFormat(StrEnum):
+    AUTO = "auto"
+    PARQUET = "parquet"
+    CSV = "csv"
+
+
+class InteractionColumns(CamelModel):
+    """Column names of an interactions source (file or SQL) for the canonical user, item, ts, weight, eventId."""
+
+    user: str = Field(default="user", min_length=1, max_length=128, description="Column of the external user id.")
+    item: str = Field(default="item", min_length=1, max_length=128, description="Column of the external item id.")
+    ts: str = Field(
+        default="ts",
+        min_length=1,
+        max_length=128,
+        description="Column of the time: a timestamp, a date, unix seconds, or ISO-8601 text (docs/data.md).",
+    )
+    weight: str = Field(
+        default="weight",
+        min_length=1,
+        max_length=128,
+        description="Column of the rating or weight; a source without this column gives every row 1.0.",
+    )
+    event_id: str = Field(
+        default="",
+        max_length=128,
+        description="Column of a unique event id: a row whose id the store holds is a duplicate and skipped. "
+        "Empty: no event ids (files are still ingested exactly once, by file).",
+    )
+
+
+class ItemColumns(CamelModel):
+    """Column names of an items source: each item's external id and its cluster's external id."""
+
+    item: str = Field(default="item", min_length=1, max_length=128, description="Column of the external item id.")
+    cluster: str = Field(
+        default="cluster", min_length=1, max_length=128, description="Column of the item's cluster (its external id)."
+    )
+
+
+class ClusterColumns(CamelModel):
+    """Column names of a clusters source: external id, display name and keywords."""
+
+    cluster: str = Field(
+        default="cluster", min_length=1, max_length=128, description="Column of the cluster's external id."
+    )
+    name: str = Field(
+        default="name",
+        min_length=1,
+        max_length=128,
+        description="Column of the cluster's name (what the model generates). Absent: the id is the name.",
+    )
+    keywords: str = Field(
+        default="keywords",
+        min_length=1,
+        max_length=128,
+        description="Column of keywords: a list, or text separated by ';' or ','. Absent: the name.",
+    )
+
+
+class SqlQuery(CamelModel):
+    """A query against the user's PostgreSQL, read incrementally by a watermark column."""
+
+    query: str = Field(
+        ...,
+        min_length=1,
+        max_length=16384,
+        description="A SELECT whose result has the mapped columns (and the watermark column). It is run as "
+        "SELECT * FROM (<query>) q WHERE q.<watermark> > <last watermark> ORDER BY q.<watermark>.",
+    )
+    watermark: str = Field(
+        default="",
+        max_length=128,
+        description="A column of the result that grows with every new row (a bigserial id, an insertion "
+        "time): rows up to the largest value ingested are not read again. Empty: the whole result at every "
+        "sync (fine for the catalogue, which is updated by id; interactions need a watermark or an eventId).",
+    )
+
+
+class SqlSource(CamelModel):
+    """The user's own PostgreSQL, for data URIs `sql`."""
+
+    dsn_secret_ref: SecretKeyRef = Field(
+        ...,
+        description="Secret key holding the DSN of the user's PostgreSQL, passed to jobs as "
+        "RECUPDATE_SOURCE_DSN (never written into a manifest).",
+    )
+    interactions: SqlQuery | None = Field(default=None, description="The interactions query (interactions: sql).")
+    items: SqlQuery | None = Field(default=None, description="The items query (items: sql).")
+    clusters: SqlQuery | None = Field(default=None, description="The clusters query (clusters: sql).")
+
+
+class ObjectStorage(CamelModel):
+    """How s3:// URIs are reached (pyarrow's S3 filesystem)."""
+
+    endpoint: str = Field(
+        default="",
+        max_length=512,
+        description="host[:port] of an S3-compatible server (MinIO, Ceph, ...). Empty: AWS S3.",
+    )
+    scheme: str = Field(default="https", pattern=r"^https?$", description="https, or http for a plain endpoint.")
+    region: str = Field(default="", max_length=64, description="Bucket region. Empty: the SDK's default.")
+    credentials_secret: str = Field(
+        default="",
+        max_length=253,
+        description="Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
+        "AWS_SESSION_TOKEN), passed to jobs as those variables. Empty: the pods' own credentials (IRSA, "
+        "instance profile).",
+    )
+
+
+#: URIs of a data source other than a path: docs/data.md.
+_SOURCE_DESCRIPTION = (
+    "'postgres' (the store's own inbox tables, docs/data.md 'The table contract'), 'sql' (the query in "
+    "data.sql), a Parquet/CSV file or directory (a path in the job image, file://, or s3://bucket/prefix: "
+    "new files are ingested once each)"
+)
+
+
 class DataSpec(CamelModel):
     interactions: str = Field(
         default="synthetic",
         min_length=1,
         max_length=1024,
-        description="Interaction log source URI: 'synthetic' (deterministic drift generator), "
-        "'movielens:<path>', a CSV/Parquet path, or 'postgres' for the store's own interactions table.",
+        description="Interaction source URI: 'synthetic' (the deterministic drift stream, growing with time), "
+        f"'movielens:<path>', {_SOURCE_DESCRIPTION}.",
+    )
+    items: str = Field(
+        default="",
+        max_length=1024,
+        description=f"Items -> clusters source URI: {_SOURCE_DESCRIPTION}. Empty: derived from the interactions "
+        "source (synthetic, MovieLens genres), else only the inbox tables.",
     )
     clusters: str = Field(
         default="",
         max_length=1024,
-        description="Cluster catalogue source URI. Empty: derived from the interactions source "
-        "(synthetic catalogue, MovieLens genres).",
+        description=f"Clusters (name, keywords) source URI: {_SOURCE_DESCRIPTION}. Empty: derived from the "
+        "interactions source, else the clusters the items name (named by their ids) and the inbox tables.",
+    )
+    format: DataFormat = Field(
+        default=DataFormat.AUTO,
+        description="File format of file sources: auto (Parquet by its magic bytes, else CSV), parquet or csv.",
+    )
+    columns: InteractionColumns = Field(
+        default_factory=InteractionColumns, description="Column mapping of the interactions source."
+    )
+    item_columns: ItemColumns = Field(default_factory=ItemColumns, description="Column mapping of the items source.")
+    cluster_columns: ClusterColumns = Field(
+        default_factory=ClusterColumns, description="Column mapping of the clusters source."
+    )
+    sql: SqlSource | None = Field(default=None, description="The user's PostgreSQL, for sources named 'sql'.")
+    object_storage: ObjectStorage = Field(
+        default_factory=ObjectStorage, description="Endpoint and credentials of s3:// sources."
     )
     positive_threshold: float = Field(
         default=4.0, description="An interaction is positive when its rating/value is at least this."
@@ -162,10 +307,18 @@ class DataSpec(CamelModel):
         description="k: the number of distinct recent clusters that make a user's state.",
     )
 
-
-class SecretKeyRef(CamelModel):
-    name: str = Field(..., min_length=1, max_length=253, description="Name of a Secret in the policy's namespace.")
-    key: str = Field(default="dsn", min_length=1, max_length=253, description="Key in the Secret holding the value.")
+    @model_validator(mode="after")
+    def _check_sql(self) -> DataSpec:
+        for name in ("interactions", "items", "clusters"):
+            if getattr(self, name) == "sql" and (self.sql is None or getattr(self.sql, name) is None):
+                raise ValueError(f"data.{name} is 'sql': data.sql.{name} must give the query")
+        q = self.sql.interactions if self.sql is not None and self.interactions == "sql" else None
+        if q is not None and not q.watermark and not self.columns.event_id:
+            raise ValueError(
+                "data.sql.interactions needs a watermark column (or data.columns.eventId): "
+                "otherwise every sync would read every row again"
+            )
+        return self
 
 
 class StoreSpec(CamelModel):
@@ -670,6 +823,18 @@ class FailureCounts(StatusModel):
     refresh: int = Field(default=0, ge=0, description="Consecutive failed refreshes (drives backoff).")
 
 
+class SyncStatus(StatusModel):
+    """The data sync of a run (docs/data.md): what came in from the policy's sources before it counted."""
+
+    run_id: str = Field(..., description="The run whose sync step this was.")
+    rows: int = Field(default=0, ge=0, description="Interaction rows read: new + duplicate + skipped.")
+    new: int = Field(default=0, ge=0, description="Interactions added to the store.")
+    duplicate: int = Field(default=0, ge=0, description="Rows whose event id the store already held.")
+    skipped: dict[str, int] = Field(default_factory=dict, description="Bad rows skipped, per reason.")
+    files: int = Field(default=0, ge=0, description="Files ingested.")
+    seconds: float = Field(default=0.0, ge=0.0, description="Wall seconds of the sync.")
+
+
 class PolicyStatus(StatusModel):
     observed_generation: int | None = Field(default=None, description="The spec generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Fresh, FineTuning, ...")
@@ -684,6 +849,9 @@ class PolicyStatus(StatusModel):
     )
     last_fine_tune: RunRef | None = Field(default=None, description="The latest finished or running fine-tune.")
     last_refresh: RunRef | None = Field(default=None, description="The latest finished or running refresh.")
+    last_sync: SyncStatus | None = Field(
+        default=None, description="The data sync of the newest run that recorded one (rows, bad rows per reason)."
+    )
     active_runs: list[RunRef] = Field(default_factory=list, description="Runs in flight.")
     failures: FailureCounts = Field(default_factory=FailureCounts, description="Consecutive failures per kind.")
     fine_tune_scheduled_at: datetime | None = Field(

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("recupdate_operator.run", "run the Kubernetes operator (kopf)"),
     "local": ("recupdate_operator.local_driver", "run one policy on this machine with embedded parts"),
     "serve": ("recupdate_workloads.serving.cli", "serve the active release of a local store"),
+    "ingest": ("recupdate_workloads.store.cli", "load interactions and the catalogue into a policy's store schema"),
 }
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 import yaml
 
-from recupdate_workloads.contract.env import DSN_ENV
+from recupdate_workloads.contract.env import DSN_ENV, SYNC_ENV
 from recupdate_workloads.contract.redact import redact, redact_data, redact_logs
 
 from .api import PolicyError, PolicySpec, PolicyStatus, parse_duration, validate_policy_object
@@ -262,7 +262,9 @@ class LocalRun:
                "RECUPDATE_EXECUTOR": self.args.executor, "RECUPDATE_MODEL_SIZE": self.args.model_size,
                # one OpenMP thread per job: jobs share the cores with Serve and PostgreSQL, and oversubscribed
                # OpenMP threads spin-wait (a LoRA fine-tune ran 20x slower with 2 threads under load)
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               # local mode feeds the store itself as its clock advances: the jobs' sync step stays off
+               SYNC_ENV: "off"}  # fmt: skip
         backend = LocalBackend(self.store.dsn, self.workdir, env=env, port=self.args.port, clock=lambda: self.now,
                                fail_runs=tuple(self.args.fail_run or ()))  # fmt: skip
         registry = Registry(None, StoreSettings(default_dsn=self.store.dsn))  # registers the DSN as a secret

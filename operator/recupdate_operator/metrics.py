@@ -63,6 +63,18 @@ RECONCILE_DURATION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
     registry=REGISTRY,
 )
+INGEST_ROWS = Counter(
+    "recupdate_ingest_rows_total",
+    "Interaction rows the runs' sync steps read, by outcome (new, duplicate, skipped), per policy.",
+    ["namespace", "policy", "outcome"],
+    registry=REGISTRY,
+)
+INGEST_SKIPPED = Counter(
+    "recupdate_ingest_skipped_rows_total",
+    "Bad interaction rows the runs' sync steps skipped, by reason (docs/data.md), per policy.",
+    ["namespace", "policy", "reason"],
+    registry=REGISTRY,
+)
 POLICIES = Gauge("recupdate_policies", "Policies the operator currently tracks.", registry=REGISTRY)
 
 _active: dict[tuple[str, str], str] = {}
@@ -87,6 +99,15 @@ def set_staleness(namespace: str, policy: str, evidence_at: datetime | None, now
         _remove(STALENESS, namespace, policy)
     else:
         STALENESS.labels(namespace, policy).set(max(0.0, (now - evidence_at).total_seconds()))
+
+
+def count_sync(namespace: str, policy: str, sync: Any) -> None:
+    """Count one run's sync (a SyncStatus) into the ingest counters; the caller counts each run once."""
+    INGEST_ROWS.labels(namespace, policy, "new").inc(sync.new)
+    INGEST_ROWS.labels(namespace, policy, "duplicate").inc(sync.duplicate)
+    INGEST_ROWS.labels(namespace, policy, "skipped").inc(sum(sync.skipped.values()))
+    for reason, n in sync.skipped.items():
+        INGEST_SKIPPED.labels(namespace, policy, reason).inc(n)
 
 
 def forget_policy(namespace: str, policy: str) -> None:

@@ -6,7 +6,8 @@ threads, never from the event loop.
 
 Secrets: the store DSN is never written into a manifest. Ray pods get RECUPDATE_STORE_DSN through
 ``valueFrom.secretKeyRef`` on their containers (the Secret of spec.store.secretRef, else the operator's
-default); with spec.runtime.clusterSelector the existing RayCluster must carry it already.
+default), and the data sources' credentials the same way (data_env); with spec.runtime.clusterSelector the
+existing RayCluster must carry them already.
 
 Every API call is marked ``# rbac: <group> <resource> <verb>``; rbac.py lists them all (a test checks it).
 """
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 
 from recupdate_workloads.contract import entrypoints
+from recupdate_workloads.contract.env import S3_CREDENTIAL_ENV, SOURCE_DSN_ENV
 from recupdate_workloads.contract.serve import user_config_of, with_user_config
 from recupdate_workloads.contract.timefmt import iso, parse_time
 
@@ -132,9 +134,31 @@ def store_env(secret: SecretKeyRef | None) -> list[dict[str, Any]]:
     return [{"name": DSN_ENV, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}]
 
 
+def data_env(policy: PolicyRef) -> list[dict[str, Any]]:
+    """Container env for the data sources' credentials, each from its Secret by reference: the user's
+    PostgreSQL DSN (spec.data.sql.dsnSecretRef) and the object-storage keys (spec.data.objectStorage.
+    credentialsSecret; the session token is optional)."""
+    data = policy.spec.data
+    env: list[dict[str, Any]] = []
+    if data.sql is not None:
+        ref = data.sql.dsn_secret_ref
+        env.append({"name": SOURCE_DSN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if data.object_storage.credentials_secret:
+        for name in S3_CREDENTIAL_ENV:
+            key_ref: dict[str, Any] = {"name": data.object_storage.credentials_secret, "key": name}
+            if name == "AWS_SESSION_TOKEN":
+                key_ref["optional"] = True
+            env.append({"name": name, "valueFrom": {"secretKeyRef": key_ref}})
+    return env
+
+
+#: Variables a user may not set through spec.runtime.env: they come from Secrets (store_env, data_env).
+_SECRET_ENV = frozenset({DSN_ENV, SOURCE_DSN_ENV, *S3_CREDENTIAL_ENV})
+
+
 def user_env(policy: PolicyRef) -> dict[str, str]:
-    """spec.runtime.env, minus any attempt to inline the DSN."""
-    return {e.name: e.value for e in policy.spec.runtime.env if e.name != DSN_ENV}
+    """spec.runtime.env, minus any attempt to inline the DSN or a data source's credentials."""
+    return {e.name: e.value for e in policy.spec.runtime.env if e.name not in _SECRET_ENV}
 
 
 def runtime_env_yaml(policy: PolicyRef, launch: LaunchRun) -> str:
@@ -156,9 +180,11 @@ def resources(cpus: float, gpus: float, memory: str) -> dict[str, Any]:
     return {"requests": dict(req), "limits": dict(req)}
 
 
-def _container(name: str, image: str, secret: SecretKeyRef | None, res: dict[str, Any]) -> dict[str, Any]:
+def _container(
+    name: str, image: str, secret: SecretKeyRef | None, res: dict[str, Any], extra_env: list[dict[str, Any]] | None
+) -> dict[str, Any]:
     container: dict[str, Any] = {"name": name, "image": image, "resources": res}
-    env = store_env(secret)
+    env = store_env(secret) + list(extra_env or [])
     if env:
         container["env"] = env
     return container
@@ -183,10 +209,11 @@ def ray_cluster_spec(
     group_name: str,
     pod_labels: dict[str, str],
     head_cpus: str = "0",
+    extra_env: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A RayCluster spec: a head (the driver) and one fixed-size worker group."""
-    head = _container("ray-head", image, secret, resources(float(HEAD_CPU), 0.0, HEAD_MEMORY))
-    worker = _container("ray-worker", image, secret, resources(cpus, gpus, memory))
+    head = _container("ray-head", image, secret, resources(float(HEAD_CPU), 0.0, HEAD_MEMORY), extra_env)
+    worker = _container("ray-worker", image, secret, resources(cpus, gpus, memory), extra_env)
     return {
         "rayVersion": policy.spec.runtime.ray_version,
         "headGroupSpec": {
@@ -243,6 +270,7 @@ def rayjob_manifest(
             secret=secret,
             group_name="train" if launch.kind == RunKind.FINETUNE else "infer",
             pod_labels=job_labels,
+            extra_env=data_env(policy),  # the sync step runs in the driver, on the head
         )
     if spec.runtime.service_account_name:
         # The submitter pod runs `ray job submit` only; it needs the service account, not the DSN.

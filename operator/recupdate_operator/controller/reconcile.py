@@ -334,6 +334,9 @@ class Controller:
                 metrics.RUN_DURATION.labels(kind).observe(duration)
         for launch in p.of(LaunchRun):
             metrics.RUNS_LAUNCHED.labels(launch.kind.value).inc()
+        sync = p.status.last_sync
+        if sync is not None and sync.run_id != (status_in.get("lastSync") or {}).get("runId"):
+            metrics.count_sync(key[0], key[1], sync)  # once per run: the status remembers the last one counted
         metrics.set_active_release(key[0], key[1], p.status.active_release)
         metrics.set_staleness(key[0], key[1], p.status.active_release_evidence_at, now)
         with entry.lock:

@@ -36,6 +36,7 @@ from ..api import (
     RunKind,
     RunRef,
     RunResult,
+    SyncStatus,
     parse_duration,
     schema_name,
     validate_spec,
@@ -153,6 +154,7 @@ class _Planner:
             return Plan(tuple(self.actions), self.s, None)
         self.spec = spec
         self._track_runs()
+        self._last_sync()
         active = self._decide_releases()
         for kind in (RunKind.FINETUNE, RunKind.REFRESH):
             self._schedule(kind, active)
@@ -160,6 +162,23 @@ class _Planner:
         self._set_conditions(active)
         wake = min(self.wake) if self.wake else None
         return Plan(tuple(self.actions), self.s, wake)
+
+    def _last_sync(self) -> None:
+        """status.lastSync: the newest run (the registry lists them oldest first) that recorded a sync."""
+        for run in reversed(self.registry.runs):
+            sync = run.sync
+            if isinstance(sync, Mapping) and "rows" in sync:
+                skipped = sync.get("skipped") or {}
+                self.s.last_sync = SyncStatus(
+                    run_id=run.run_id,
+                    rows=int(sync.get("rows") or 0),
+                    new=int(sync.get("new") or 0),
+                    duplicate=int(sync.get("duplicate") or 0),
+                    skipped={str(k): int(v) for k, v in skipped.items()} if isinstance(skipped, Mapping) else {},
+                    files=int(sync.get("files") or 0),
+                    seconds=float(sync.get("seconds") or 0.0),
+                )
+                return
 
     def _validate_spec(self) -> PolicySpec | None:
         raw = self.policy.spec

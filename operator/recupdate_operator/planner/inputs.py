@@ -78,6 +78,7 @@ class RunView:
     status: str
     error: str | None = None
     release_id: str | None = None  # the candidate this run registered, when the store links them
+    sync: Mapping[str, Any] | None = None  # the run's data sync (runs.cost.sync), when it recorded one
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -728,6 +729,25 @@ def movielens_clusters(genres: pd.Series, mode: str = "pair") -> tuple[list[str]
         names.append("|".join(sorted(spec)))
         keywords.append(tuple(g.lower().replace("-", " ") for g in sorted(spec)))
     return names, keywords
+
+
+def movielens_catalogue(
+    path: str | Path, clusters: str = "pair"
+) -> tuple[dict[str, list[Any]], dict[str, list[Any]], Counter[str]]:
+    """The catalogue of a MovieLens directory as external ids, for the store's ingest: items {item: movieId,
+    cluster}, clusters {cluster, name, keywords} (a cluster's id is its name), and the movies rows skipped."""
+    root = Path(path)
+    movies_path = root / "movies.csv"
+    if not movies_path.is_file():
+        raise DataError(root, "not a MovieLens directory (needs ratings.csv and movies.csv)")
+    skipped: Counter[str] = Counter()
+    ids, genres = _valid_text(_read(movies_path, ("movieId", "genres")), movies_path, ("movieId", "genres"), skipped)
+    names, keywords = movielens_clusters(pd.Series(genres, dtype=object), clusters)
+    kw = dict(zip(names, keywords, strict=True))
+    order = sorted(kw)
+    items: dict[str, list[Any]] = {"item": list(ids), "cluster": names}
+    cats: dict[str, list[Any]] = {"cluster": order, "name": order, "keywords": [list(kw[n]) for n in order]}
+    return items, cats, Counter({k: v for k, v in skipped.items() if v})
 
 
 def load_movielens(path: str | Path, clusters: str = "pair", min_weight: float = 0.0) -> Dataset:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from recupdate_workloads.contract.durations import parse_seconds
 from recupdate_workloads.contract.timefmt import epoch_seconds
+from recupdate_workloads.data.sources import DataConfig
 
 if TYPE_CHECKING:
     from recupdate_workloads.store.owner import Owner
@@ -53,6 +54,8 @@ class RunConfig:
     policy: str = ""
     namespace: str = ""
     policy_uid: str = ""
+    #: spec.data: the sources the run's sync step reads (store/sync.py)
+    data: DataConfig = field(default_factory=DataConfig)
     raw: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -105,6 +108,7 @@ class RunConfig:
             policy=str(c.get("policy") or ""),
             namespace=str(c.get("namespace") or ""),
             policy_uid=str(c.get("policyUid") or ""),
+            data=DataConfig.parse(data),
             raw=c,
         )
 

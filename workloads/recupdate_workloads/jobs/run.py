@@ -1,6 +1,7 @@
 """What the fine-tune and refresh entrypoints do. Each registers its run and a candidate release in the
 store; neither activates anything (the controller decides, docs/architecture.md).
 
+Both begin with the sync step (store/sync.py): what is new in the policy's data sources goes into the store.
 fine-tune: curated triples of the window, each with the evidence as of its time -> LoRA on Ray Train ->
            gates on the held-out slice -> new evidence snapshot -> bulk inference -> candidate release.
 refresh:   new evidence snapshot -> bulk inference with the active adapter -> gates -> candidate release.
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from recupdate_workloads.contract import entrypoints
-from recupdate_workloads.contract.env import DSN_ENV
+from recupdate_workloads.contract.env import DSN_ENV, SYNC_ENV
 from recupdate_workloads.contract.redact import redact_logs
 from recupdate_workloads.data import evidence as evidence_mem
+from recupdate_workloads.data.errors import DataError
 from recupdate_workloads.data.sequences import triples as to_triples
 from recupdate_workloads.data.types import Catalogue, Triples
 from recupdate_workloads.jobs.config import RunConfig
@@ -34,6 +37,7 @@ from recupdate_workloads.store import registry as reg
 from recupdate_workloads.store import tables
 from recupdate_workloads.store.db import Store, open_store
 from recupdate_workloads.store.owner import SchemaOwnedError
+from recupdate_workloads.store.sync import sync as data_sync
 
 log = logging.getLogger("recupdate.jobs")
 TABLE_TOP_N = 10
@@ -48,7 +52,10 @@ def load_triples(store: Store, start: int, end: int, threshold: float) -> tuple[
     """Triples with start <= ts < end; contexts may reach back one more window before start."""
     catalogue, item_cluster = cat.load_catalogue(store)
     if not len(catalogue):
-        raise RuntimeError(f"schema {store.schema} has no catalogue: load data first")
+        raise RuntimeError(
+            f"schema {store.schema} has no catalogue: name an items source in spec.data (docs/data.md), or load "
+            "one with `recupdate ingest`"
+        )
     lookback = start - (end - start)
     chunks = cat.iter_interactions(store, lookback, end, item_cluster, catalogue)
     parts = [to_triples(chunk, threshold).window(start, end) for chunk in chunks]
@@ -196,12 +203,31 @@ class _Run:
         return round(_cpu_seconds() - self.c0, 2)
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.cost["wallSeconds"] = self.wall_seconds()
         if exc is None:
-            self.cost["wallSeconds"] = self.wall_seconds()
             reg.finish_run(self.store, self.cfg.run_id, "succeeded", self.cost)
-        else:
-            # finish_run redacts, then cuts (cutting first could leave half a password).
-            reg.finish_run(self.store, self.cfg.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        else:  # the cost so far (the sync's) stays on record; finish_run redacts, then cuts the error
+            reg.finish_run(self.store, self.cfg.run_id, "failed", self.cost, error=f"{type(exc).__name__}: {exc}")
+
+    def sync(self) -> None:
+        """The sync step (store/sync.py): what is new in the policy's data sources, into the store, before
+        anything is counted. Its record (rows, new, duplicate, skipped per reason, seconds) goes into the
+        run's cost at once, so it survives a failure later in the run. A source that cannot be read fails
+        the run with the source and the reason; the store is then as it was."""
+        if os.environ.get(SYNC_ENV, "").lower() == "off":
+            self.cost["sync"] = {"off": True}
+            return
+        try:
+            report = data_sync(self.store, self.cfg.data, run_id=self.cfg.run_id, until=self.cfg.window_end)
+        except (DataError, OSError, pa.ArrowException) as exc:
+            raise SyncFailed(f"data sync failed, nothing was ingested: {exc}") from None
+        self.cost["sync"] = report.as_dict()
+        reg.record_cost(self.store, self.cfg.run_id, {"sync": self.cost["sync"]})
+        log.info("run %s sync: %s", self.cfg.run_id, report.summary())
+
+
+class SyncFailed(RuntimeError):
+    """A data source could not be read: the run fails, the store is unchanged."""
 
 
 def _training_cost(run: _Run, cfg: RunConfig, tm: dict[str, Any], examples: int) -> dict[str, Any]:
@@ -224,6 +250,7 @@ def run_finetune(store: Store, cfg: RunConfig) -> reg.Release:
     from recupdate_workloads.model.train_loop import run_inline, run_ray
 
     with _Run(store, cfg, "finetune") as run:
+        run.sync()
         catalogue, train = load_triples(store, cfg.window_start, cfg.holdout_start, cfg.positive_threshold)
         if len(train) == 0:
             raise RuntimeError("no training triples in the window")
@@ -250,7 +277,7 @@ def run_finetune(store: Store, cfg: RunConfig) -> reg.Release:
             cpus = max(1, int(cfg.cpus_per_worker))
             use_gpu = cfg.gpus_per_worker > 0
             result = run_ray(train_cfg, workers=cfg.workers, use_gpu=use_gpu, cpus_per_worker=cpus, name=cfg.run_id)
-        run.cost = _training_cost(run, cfg, result.metrics, len(examples))
+        run.cost |= _training_cost(run, cfg, result.metrics, len(examples))
         adapter = f"file://{result.adapter_dir}"
         extra = {"trainLoss": result.metrics.get("train_loss")}
         return _candidate(store, cfg, base, adapter, catalogue, cfg.with_evidence, run.cost, extra)
@@ -258,12 +285,13 @@ def run_finetune(store: Store, cfg: RunConfig) -> reg.Release:
 
 def run_refresh(store: Store, cfg: RunConfig) -> reg.Release:
     with _Run(store, cfg, "refresh") as run:
+        run.sync()
         active = reg.get_release(store, cfg.active_release) if cfg.active_release else reg.active_release(store)
         if active is None:
             raise RuntimeError("a refresh needs an active release (its adapter does the inference)")
         catalogue, _ = cat.load_catalogue(store)
         with_ev = bool(active.metrics.get("withEvidence", True))
-        run.cost = {"cpuSeconds": 0.0, "examples": 0, "tokens": 0}
+        run.cost |= {"cpuSeconds": 0.0, "examples": 0, "tokens": 0}
         extra = {"refreshOf": active.release_id}
         rel = _candidate(store, cfg, active.base_model, active.adapter_uri, catalogue, with_ev, run.cost, extra)
         run.cost["cpuSeconds"] = run.cpu_seconds()

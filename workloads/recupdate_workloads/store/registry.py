@@ -80,6 +80,12 @@ def finish_run(
         )
 
 
+def record_cost(store: Store, run_id: str, cost: dict[str, Any]) -> None:
+    """Merge keys into a running run's cost (e.g. its sync, recorded before the rest of the run)."""
+    with store.tx() as c:
+        c.execute("UPDATE runs SET cost = cost || %s::jsonb WHERE run_id = %s", (json.dumps(cost), run_id))
+
+
 def register_release(store: Store, release: Release) -> str:
     """Register a candidate (or, when its gates failed, a rejected) release. Never active."""
     if release.state not in ("candidate", "rejected"):
