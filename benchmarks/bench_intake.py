@@ -29,19 +29,28 @@ import itertools
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fresh_store, git_rev, machine, median, percentile, pg_settings, postgres, stamp
+from _common import (
+    free_port,
+    fresh_store,
+    git_rev,
+    machine,
+    median,
+    percentile,
+    pg_settings,
+    postgres,
+    stamp,
+    wait_http,
+)
 
 SCHEMA_ENV = "BENCH_INTAKE_SCHEMA"
 T0 = 1_900_000_000
@@ -212,25 +221,6 @@ def in_process(batches: list[list[dict[str, Any]]], concurrency: int, make: Call
     return {"seconds": time.perf_counter() - t, "latencies_ms": latencies, "errors": []}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(url: str, timeout_s: float = 60.0) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not up after {timeout_s}s")
-
-
 def summary(run: dict, events: int) -> dict[str, float]:
     lat = run["latencies_ms"]
     return {
@@ -273,14 +263,14 @@ def main() -> None:
         )
         settings = pg_settings(dsn)
         print(f"  PostgreSQL {settings['server_version']}, shared_buffers {settings['shared_buffers']}", flush=True)
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "RECUPDATE_STORE_DSN": dsn, SCHEMA_ENV: schema}
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench_intake:intake_app"]
         cmd += ["--app-dir", str(Path(__file__).resolve().parent), "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--no-access-log", "--log-level", "warning"]
         server = subprocess.Popen(cmd, env=env)
         try:
-            _wait_http(f"http://127.0.0.1:{port}/healthz")
+            wait_http(f"http://127.0.0.1:{port}/healthz")
             warm = [body(b) for b in gen.make(2 * args.concurrency)]
             asyncio.run(closed_loop(port, warm, args.concurrency, expect("accepted", args.batch)))
 

@@ -21,19 +21,17 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fresh_store, median, percentile, postgres
+from _common import free_port, fresh_store, median, percentile, postgres, wait_http
 from recupdate_workloads.serving.demo_store import MISSING_PAIRS, build_demo_store
 
 
@@ -145,25 +143,6 @@ async def closed_loop(
     return run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(url: str, timeout_s: float = 120.0) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not up after {timeout_s}s")
-
-
 def _payloads(n_clusters: int, count: int = 512, seed: int = 0) -> list[bytes]:
     rng = random.Random(seed)
     missing = set(MISSING_PAIRS)
@@ -191,7 +170,7 @@ def med(runs: list[dict[str, float]], key: str) -> float:
 
 
 def bench_uvicorn(dsn: str, uc: dict[str, Any], payloads: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RECUPDATE_STORE_DSN": dsn, "RECUPDATE_SERVE_USER_CONFIG": json.dumps(uc)}
     cmd = [
         sys.executable,
@@ -211,7 +190,7 @@ def bench_uvicorn(dsn: str, uc: dict[str, Any], payloads: list[bytes], args: arg
     ]
     proc = subprocess.Popen(cmd, env=env)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/healthz")
+        wait_http(f"http://127.0.0.1:{port}/healthz")
         runs = measure([port], payloads, args)
     finally:
         proc.terminate()
@@ -299,7 +278,7 @@ def bench_serve(
         "deploy_s": time.perf_counter() - t0,
         "paths": {},
     }
-    _wait_http(f"http://127.0.0.1:{port}/healthz")
+    wait_http(f"http://127.0.0.1:{port}/healthz")
     paths = {"proxy": [port]}
     direct = direct_ingress_ports(sv.APP_NAME)
     if direct:
@@ -373,7 +352,7 @@ def main() -> None:
             os.environ[k] = v  # inherited by the raylet and every Serve process it starts
         ray_dir = tempfile.mkdtemp(prefix="rbs-", dir="/tmp")  # short: Ray's socket paths are length-limited
         sv.ensure_local_ray(num_cpus=2, temp_dir=ray_dir)
-        port = _free_port()
+        port = free_port()
         try:
             for r in [int(x) for x in args.replicas.split(",") if x.strip()]:
                 print(f"ray serve, {r} replica(s) ...", flush=True)

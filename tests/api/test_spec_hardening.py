@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from fixtures.net import free_port
 from k8s import emulator
 from k8s import schema as kschema
 from recupdate_operator import api, schedule
@@ -718,7 +719,7 @@ def test_ctrl_c_on_recupdate_local_leaves_no_job_running(tmp_path: Path) -> None
     work = Path(tempfile.mkdtemp(prefix="recupdate-test-ctrl-c-")) / "w"
     cmd = [sys.executable, "-m", "recupdate_operator.cli", "local", "-f", str(policy), "--workdir", str(work),
            "--simulate", "30d", "--interactions", "3000", "--executor", "inline", "--model-size", "tiny",
-           "--cpus", "1", "--no-status-line", "--port", str(_free_port())]  # fmt: skip
+           "--cpus", "1", "--no-status-line", "--port", str(free_port())]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     job_pid = None
@@ -749,11 +750,6 @@ def test_ctrl_c_on_recupdate_local_leaves_no_job_running(tmp_path: Path) -> None
         if (work / "pg").exists():
             pgserver.get_server(str((work / "pg").absolute()), cleanup_mode="stop").cleanup()
         shutil.rmtree(work.parent, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socketless_port() as port:
-        return port
 
 
 def _job_process(work: Path) -> int | None:

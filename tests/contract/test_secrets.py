@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import stat
 import tempfile
 import urllib.parse
@@ -27,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from fixtures.net import free_port
 from recupdate_workloads.contract import redact as rd
 from recupdate_workloads.contract.secret_file import secret_from_env, write_private
 from recupdate_workloads.serving.app import make_api
@@ -333,12 +333,6 @@ def test_local_status_file_and_timeline_never_carry_the_password(tmp_path: Path,
 # Defect 5: the DSN in Ray's logs, in a world-readable temp dir that outlived the run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_local_serving_keeps_the_dsn_out_of_rays_files(
@@ -376,7 +370,7 @@ def test_local_serving_keeps_the_dsn_out_of_rays_files(
 
     session = Path(worker._global_node.get_session_dir_path())
     temp = session.parent
-    port = _free_port()
+    port = free_port()
     backend = LocalBackend(dsn, tmp_path / "work", port=port, clock=lambda: datetime.now(UTC))
     ref = PolicyRef("lm", "default", "local", PolicySpec.model_validate({"store": {"schema": store.schema}}))
     try:

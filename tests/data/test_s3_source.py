@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -18,6 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from fixtures.net import free_port
 from recupdate_workloads.data.errors import DataError
 from recupdate_workloads.data.sources import DataConfig
 from recupdate_workloads.store.db import Store
@@ -29,17 +29,11 @@ SERVER_BIN = Path(os.environ.get("RECUPDATE_MOTO_BIN", REPO / ".tools" / "s3-ser
 KEY, SECRET, REGION = "AKIDTEST", "secret-test-key", "us-east-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
     if not (SERVER_BIN / "moto_server").exists():
         pytest.skip(f"moto_server not installed in {SERVER_BIN}: run `make tools`")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(SERVER_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

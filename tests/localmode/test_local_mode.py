@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
+from fixtures.net import free_port
 
 POLICY = """
 apiVersion: recupdate.io/v1alpha1
@@ -29,12 +30,6 @@ spec:
 """
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _local(tmp_path: Path, span: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -58,7 +53,7 @@ def _local(tmp_path: Path, span: str, *extra: str) -> subprocess.CompletedProces
         "--workdir",
         str(tmp_path / "w"),
         "--port",
-        str(_free_port()),
+        str(free_port()),
         "--probe-requests",
         "10",
         "--tick",

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from fixtures.net import free_port
 from recupdate_workloads.serving.cli import follow_promotions, release_user_config
 from recupdate_workloads.serving.demo_store import build_demo_store
 from recupdate_workloads.store import registry as reg
@@ -78,12 +78,6 @@ def test_user_config_of_a_release() -> None:
         release_user_config(reg.Release("r2", "base", None, None, None, None), "s")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str) -> dict[str, Any] | None:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
@@ -108,7 +102,7 @@ def cli_store(pg_dsn: str) -> Iterator[Store]:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_recupdate_serve_follows_promotions(cli_store: Store, pg_dsn: str) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray_dir = tempfile.mkdtemp(prefix="rsc-", dir="/tmp")
     cmd = [

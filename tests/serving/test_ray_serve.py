@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from fixtures.net import free_port
 from recupdate_workloads.serving.demo_store import MISSING_PAIRS, DemoStore, build_demo_store
 from recupdate_workloads.store import registry as reg
 from recupdate_workloads.store.db import Store, connect, migrate
@@ -25,12 +25,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 HITS = [(a, b) for a in range(8) for b in range(8) if a != b and (a, b) not in MISSING_PAIRS]
 SLOW_OK = {"online_timeout_ms": 10_000}  # the real model must win its race on a busy 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Served:
@@ -57,7 +51,7 @@ def served(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     demo = build_demo_store(store, model_dir=tmp_path_factory.mktemp("model"))
     ray_dir = tempfile.mkdtemp(prefix="rsv-", dir="/tmp")  # short: Ray's socket paths are length-limited
     started = sv.ensure_local_ray(num_cpus=2, temp_dir=ray_dir)
-    port = _free_port()
+    port = free_port()
     app = sv.serve_application(
         {**demo.releases["rel-a"], **SLOW_OK}, 1, num_cpus=0.5, env_vars={"RECUPDATE_STORE_DSN": pg_dsn}
     )

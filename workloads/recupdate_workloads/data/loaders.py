@@ -464,13 +464,7 @@ def _seconds(arr: pa.Array, name: str, path: Path | str) -> _Checked:
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
         missing = _mask(pc.is_null(arr))
         values = _float_values(arr)
-    elif (
-        pa.types.is_null(t)
-        or pa.types.is_string(t)
-        or pa.types.is_large_string(t)
-        or pa.types.is_binary(t)
-        or pa.types.is_large_binary(t)
-    ):
+    elif _is_text(t):
         text, enc = _text(arr, name, path)
         missing = _mask(pc.is_null(text))
         values, maybe_date = _numbers(text)
@@ -488,6 +482,17 @@ def _seconds(arr: pa.Array, name: str, path: Path | str) -> _Checked:
     return _Checked(secs, missing, problems)
 
 
+def _is_text(t: pa.DataType) -> bool:
+    """Columns read as text and parsed (CSV cells, or a Parquet string column); null: an all-empty column."""
+    return (
+        pa.types.is_null(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+    )
+
+
 def _weights(arr: pa.Array, name: str, path: Path | str) -> _Checked:
     """Weights as float64 with bad_weight / negative_weight / weight_out_of_range masks."""
     arr = _plain(arr)
@@ -496,13 +501,7 @@ def _weights(arr: pa.Array, name: str, path: Path | str) -> _Checked:
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t):
         missing = _mask(pc.is_null(arr))
         values = _float_values(arr.cast(pa.int8()) if pa.types.is_boolean(t) else arr)
-    elif (
-        pa.types.is_null(t)
-        or pa.types.is_string(t)
-        or pa.types.is_large_string(t)
-        or pa.types.is_binary(t)
-        or pa.types.is_large_binary(t)
-    ):
+    elif _is_text(t):
         text, enc = _text(arr, name, path)
         missing = _mask(pc.is_null(text))
         values, _ = _numbers(text)

@@ -10,8 +10,8 @@ from recupdate_workloads.data.types import Catalogue, Cluster, InteractionLog
 from recupdate_workloads.store.db import Store
 from recupdate_workloads.store.embeddings import embed_texts
 
-# Binary COPY rows of (int8 user, int8 item, int8 ts, float4 weight): fixed 46 bytes, parsed by numpy.
-_ROW = np.dtype(
+#: Binary COPY rows of (int8 user, int8 item, int8 ts, float4 weight): fixed 46 bytes, built and parsed by numpy.
+COPY_ROW = np.dtype(
     [
         ("n", ">i2"),
         ("l1", ">i4"),
@@ -71,7 +71,7 @@ def load_catalogue(store: Store) -> tuple[Catalogue, np.ndarray]:
 
 def append_interactions(store: Store, log: InteractionLog) -> int:
     """Append interactions with binary COPY. Returns the number of rows written."""
-    rows = np.empty(len(log), dtype=_ROW)
+    rows = np.empty(len(log), dtype=COPY_ROW)
     rows["n"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 4, 8, 8, 8, 4
     rows["user"], rows["item"], rows["ts"], rows["weight"] = log.user, log.item, log.ts, log.weight
     header = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8

@@ -35,25 +35,12 @@ import pyarrow.csv as pcsv
 from recupdate_workloads.data.errors import DataError
 from recupdate_workloads.data.loaders import ID_MAX_CHARS, _text, check_rows
 from recupdate_workloads.data.types import Cluster, normalize_name
+from recupdate_workloads.store.catalogue import COPY_ROW
 from recupdate_workloads.store.db import Store
 
 #: Why a catalogue row was skipped (counted like the interactions' reasons, never raised).
 CATALOGUE_REASONS = ("bad_encoding", "missing_field", "id_too_long", "bad_cluster", "duplicate_name")
 
-# Binary COPY rows of (int8 user, int8 item, int8 ts, float4 weight), as store.catalogue.append_interactions.
-_ROW = np.dtype(
-    [
-        ("n", ">i2"),
-        ("l1", ">i4"),
-        ("user", ">i8"),
-        ("l2", ">i4"),
-        ("item", ">i8"),
-        ("l3", ">i4"),
-        ("ts", ">i8"),
-        ("l4", ">i4"),
-        ("weight", ">f4"),
-    ]
-)
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8
 _COPY_STEP = 46 * 65536
 
@@ -188,7 +175,7 @@ def item_ids(conn: psycopg.Connection, names: Sequence[str]) -> dict[str, int]:
 
 
 def _copy_rows(conn: psycopg.Connection, user: np.ndarray, item: np.ndarray, ts: np.ndarray, w: np.ndarray) -> None:
-    rows = np.empty(len(user), dtype=_ROW)
+    rows = np.empty(len(user), dtype=COPY_ROW)
     rows["n"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 4, 8, 8, 8, 4
     rows["user"], rows["item"], rows["ts"], rows["weight"] = user, item, ts, w
     view = rows.tobytes()
