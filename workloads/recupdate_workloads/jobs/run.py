@@ -27,6 +27,7 @@ from recupdate_workloads.data import evidence as evidence_mem
 from recupdate_workloads.data.errors import DataError
 from recupdate_workloads.data.sequences import triples as to_triples
 from recupdate_workloads.data.types import Catalogue, Triples
+from recupdate_workloads.jobs import counting
 from recupdate_workloads.jobs.config import RunConfig
 from recupdate_workloads.jobs.gates import GateThresholds, gates, hits, lookup_predictions
 from recupdate_workloads.jobs.materialize import materialize, publish
@@ -68,17 +69,23 @@ def load_triples(store: Store, start: int, end: int, threshold: float) -> tuple[
 
 
 def refresh_snapshot(store: Store, cfg: RunConfig, end: int, catalogue: Catalogue) -> ev.Snapshot:
-    """Count the retrieval window ending at `end` and publish it as the current evidence snapshot."""
+    """Count the retrieval window ending at `end` and publish it as the current evidence snapshot. The counting
+    is split by user over the run's Ray cluster when it has several workers or the window is large
+    (jobs/counting.py)."""
     start = end - cfg.retrieval_window
-    _, now = load_triples(store, start, end, cfg.positive_threshold)
-    prev = None
-    if cfg.scoring == "trend":
-        _, prev_t = load_triples(store, start - cfg.retrieval_window, start, cfg.positive_threshold)
-        prev = ev.Counts.of(prev_t, len(catalogue))
+
+    def count(a: int, b: int) -> ev.Counts:
+        workers, cpus, executor = cfg.workers, cfg.cpus_per_worker, cfg.executor
+        n = len(catalogue)
+        return counting.count_for_run(
+            store, a, b, cfg.positive_threshold, n, workers=workers, cpus_per_worker=cpus, executor=executor
+        )
+
+    prev = count(start - cfg.retrieval_window, start) if cfg.scoring == "trend" else None
     params = ev.EvidenceParams(
         top_r=cfg.top_successors, min_support=cfg.min_support, scoring=cfg.scoring, neighbours=cfg.neighbours
     )
-    return ev.build_snapshot(store, ev.Counts.of(now, len(catalogue)), (start, end), params, prev=prev)
+    return ev.build_snapshot(store, count(start, end), (start, end), params, prev=prev)
 
 
 def evidence_as_of(history: Triples, cfg: RunConfig, catalogue: Catalogue) -> evidence_mem.Lookup:

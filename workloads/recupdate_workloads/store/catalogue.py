@@ -94,6 +94,11 @@ USERS_PER_BLOCK = 1000
 ROWS_PER_BLOCK = 1_000_000
 
 
+#: What splits users into shards (its value modulo the number of shards): PostgreSQL's hash of the bigint
+#: id, made non-negative, so that shards are even whatever the ids, and each user falls in exactly one.
+USER_SHARD_SQL = "(hashint8(user_id) & 2147483647)"
+
+
 def block_size(store: Store) -> int:
     """User ids per packed block: USERS_PER_BLOCK, or fewer where the planner's statistics (reltuples and
     n_distinct of user_id, from ANALYZE or autovacuum) say users hold more than ROWS_PER_BLOCK / USERS_PER_BLOCK
@@ -121,6 +126,7 @@ def iter_interactions(
     catalogue: Catalogue,
     rows_per_chunk: int = 1_000_000,
     users_per_block: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[InteractionLog]:
     """Stream interactions with start <= ts < end, ordered by user then time (ties by item), in chunks of whole
     users (a user's history never straddles two chunks), so refreshes never hold the whole log in Python.
@@ -130,7 +136,10 @@ def iter_interactions(
 
     PostgreSQL packs each block of users into one bytea of fixed records (string_agg, ordered), which numpy
     reads in place: a row-by-row COPY TO STDOUT sends one protocol message per row, and handling those in
-    Python cost more than PostgreSQL's own scan and sort (measured in benchmarks/bench_evidence.py)."""
+    Python cost more than PostgreSQL's own scan and sort (measured in benchmarks/bench_evidence.py).
+
+    shard=(i, n): only the users whose id hashes to i modulo n (USER_SHARD_SQL), so that n readers split a window
+    by user. A block then holds about 1/n of its user ids, so blocks span n times as many ids."""
     cond, params = [], []
     if start is not None:
         cond.append("ts >= %s")
@@ -138,9 +147,16 @@ def iter_interactions(
     if end is not None:
         cond.append("ts < %s")
         params.append(end)
+    n_shards = 1
+    if shard is not None:
+        index, n_shards = int(shard[0]), int(shard[1])
+        if not 0 <= index < n_shards:
+            raise ValueError(f"shard {index} of {n_shards}: need 0 <= index < count")
+        cond.append(f"{USER_SHARD_SQL} %% %s = %s")
+        params += [n_shards, index]
     where = ("WHERE " + " AND ".join(cond)) if cond else ""
     # user_id / block truncates toward zero: monotone, so blocks keep user order
-    block = int(users_per_block) if users_per_block else block_size(store)
+    block = int(users_per_block) if users_per_block else block_size(store) * n_shards
     query = (
         "SELECT string_agg(int8send(user_id) || int8send(item_id) || int8send(ts) || float4send(weight),"
         f" ''::bytea ORDER BY user_id, ts, item_id) FROM interactions {where}"
