@@ -3,15 +3,25 @@
 
 What is timed (the production refresh path), for each size N, in a fresh child process:
 
-    catalogue.load_catalogue(store)
-    for chunk in catalogue.iter_interactions(store, start, end, ...):   # chunks of whole users
-        parts.append(evidence.Counts.of(sequences.triples(chunk, threshold).window(start, end), k))
-    counts = evidence.Counts.merge(parts, k)
-    evidence.build_snapshot(store, counts, (start, end), params)        # builds aside, publishes atomically
+    counted = jobs.counting.count_window(store, start, end, threshold, k, plan)   # load_catalogue, then
+        # iter_interactions in chunks of whole users, sequences.triples(chunk).window(start, end),
+        # Counts.of per chunk, Counts.merge; with a Ray plan, one task per shard of users, merged
+    evidence.build_snapshot(store, counted.counts, (start, end), params)    # rank, borrow, publish atomically
 
 The interactions are loaded beforehand with catalogue.append_interactions (timed and reported on its own,
 not part of the refresh) and vacuumed/analysed, as autovacuum would. The window is the whole synthetic
 span, so every one of the N interactions is read.
+
+The first refresh of a catalogue version builds the shared pair index (HNSW over every ordered pair of
+clusters) and searches its weak pairs' neighbour lists; it is run and reported once, apart. The timed
+refreshes reuse them, as every later refresh of the same catalogue does.
+
+Variants, in the same rounds: `--previous`, the snapshot path this replaced (SQL ranking, an HNSW index
+built per snapshot, one search per weak pair; kept below for the comparison), on the same counts; and
+`--ray-workers 1,2`, the counting split by user into one shard per worker on a local Ray with that many
+CPUs (Ray's start is not timed: a RayJob's cluster is up before its driver runs). Each run reports the CPU
+seconds of the counting (this process, or the Ray tasks) and, for the embedded server, PostgreSQL's CPU
+seconds (postmaster, backends and reaped backends, from /proc): the per-core rates of docs/scaling.md.
 
 Baseline in the same run and the same PostgreSQL (the "floor"): binary COPY of the same raw rows
 (user, item, ts, weight, cluster of item) from the client into a fresh table, then one GROUP BY pass over
@@ -23,14 +33,17 @@ runs in a child process (this script with --child), so its peak RSS (os.wait4's 
 excludes data generation; PostgreSQL's memory is separate (the backend's VmHWM is shown for reference).
 
     .venv/bin/python benchmarks/bench_evidence.py                          # quick: 200k and 1M, ~1-2 min
-    .venv/bin/python benchmarks/bench_evidence.py --sizes 1000000,10000000  # full (~15 min on 2 cores)
+    .venv/bin/python benchmarks/bench_evidence.py --sizes 1000000,10000000 --previous --ray-workers 1,2 \
+        --ray-min 10000000 --repeats 2                                      # full (~10 min on 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -40,8 +53,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
+from psycopg import sql
 
-from recupdate_workloads.data.sequences import triples, triples_from_arrays
+from recupdate_workloads.data.sequences import triples
 from recupdate_workloads.data.synthetic import SyntheticSpec, SyntheticStream
 from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store import evidence as ev
@@ -75,84 +89,137 @@ def counts_digest(c: ev.Counts) -> str:
 
 
 # ------------------------------------------------------------------------------------------ previous
-# The path this replaced, timed beside it with --previous (same rows, same Counts: the digests must match):
-# a row-by-row binary COPY TO STDOUT (one protocol message per row, ~1-2 us of Python each) and counting by
-# a lexsort of every chunk plus np.unique. The production path packs blocks of users into one bytea each
-# server-side, skips the sort for rows that arrive sorted, and counts with a dense bincount.
+# The snapshot path this replaced, timed beside it with --previous on the same Counts (the same pairs and
+# borrowed pairs come out): the counts COPYed row by row into PostgreSQL, ranked and scored there with window
+# functions, the snapshot's donor pairs given their vectors and a fresh HNSW index, and every weak pair
+# searched in it (one LATERAL statement). The production path ranks and borrows in numpy, on a pair index
+# built once per catalogue version (store/evidence.py).
 
-_ROW = np.dtype(
-    [
-        ("n", ">i2"),
-        ("l1", ">i4"),
-        ("user", ">i8"),
-        ("l2", ">i4"),
-        ("item", ">i8"),
-        ("l3", ">i4"),
-        ("ts", ">i8"),
-        ("l4", ">i4"),
-        ("weight", ">f4"),
-    ]
+_PREV_RANKED = """
+CREATE TABLE {ev} AS
+WITH c AS (
+    SELECT c1, c2, cn, cnt, sum(cnt) OVER (PARTITION BY c1, c2) AS support FROM {now}
+), prev AS (
+    SELECT c1, c2, cn, cnt::real / sum(cnt) OVER (PARTITION BY c1, c2) AS share FROM {prev}
+), scored AS (
+    SELECT c.c1, c.c2, c.cn, c.cnt, c.support, c.cnt::real / c.support AS share,
+           CASE WHEN %(trend)s THEN c.cnt::real / c.support - coalesce(prev.share, 0)
+                ELSE c.cnt::real / c.support END AS score
+    FROM c LEFT JOIN prev USING (c1, c2, cn)
+    WHERE c.support >= %(min_support)s
+), ranked AS (
+    SELECT *, row_number() OVER (PARTITION BY c1, c2 ORDER BY score DESC, cnt DESC, cn) AS rank FROM scored
 )
-_HEADER = 19  # PGCOPY signature (11) + flags (4) + header extension length (4)
+SELECT c1, c2, support::int AS support, rank::smallint AS rank, cn AS successor, cnt::int AS count,
+       share::real AS share, score::real AS score, false AS borrowed, '{{}}'::int[] AS borrowed_from
+FROM ranked WHERE rank <= %(top_r)s
+"""
+_PREV_PAIRS = """
+CREATE TABLE {pairs} AS
+SELECT e.c1, e.c2, e.support, {vec} AS embedding
+FROM (SELECT DISTINCT c1, c2, support FROM {ev}) e
+JOIN clusters a ON a.cluster = e.c1 JOIN clusters b ON b.cluster = e.c2
+"""
 
 
-def previous_iter_interactions(store: Store, start: int, end: int, item_cluster, catalogue, rows_per_chunk: int):
-    from recupdate_workloads.data.types import InteractionLog
+def _prev_copy_counts(store: Store, table, counts: ev.Counts) -> None:
+    with store.conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE TABLE {} (c1 int, c2 int, cn int, cnt bigint)").format(table))
+        with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(table)) as cp:
+            cp.set_types(["int4", "int4", "int4", "int8"])
+            for row in zip(
+                counts.c1.tolist(), counts.c2.tolist(), counts.c_next.tolist(), counts.count.tolist(), strict=True
+            ):
+                cp.write_row(row)
 
-    def log(rows: np.ndarray) -> InteractionLog:
-        return InteractionLog(
-            rows["user"].astype(np.int64),
-            rows["item"].astype(np.int64),
-            rows["ts"].astype(np.int64),
-            rows["weight"].astype(np.float32),
-            item_cluster,
-            catalogue,
+
+def previous_build_snapshot(store: Store, now: ev.Counts, window, params: ev.EvidenceParams, keep: int = 3):
+    """build_snapshot as it was (frequency scoring), with timings of its steps."""
+    parts: dict[str, float] = {}
+    t = time.perf_counter()
+    with store.tx() as c:
+        sid = c.execute(
+            "INSERT INTO snapshots (window_start, window_end, scoring, top_r, min_support, triples, state)"
+            " VALUES (%s, %s, %s, %s, %s, %s, 'building') RETURNING snapshot_id",
+            (window[0], window[1], params.scoring, params.top_r, params.min_support, now.triples),
+        ).fetchone()[0]  # type: ignore[index]
+    evt, pairs = store.ident(f"evidence_s{sid}"), store.ident(f"evidence_pairs_s{sid}")
+    cnow, cprev = store.ident(f"_counts_s{sid}"), store.ident(f"_prev_s{sid}")
+    _prev_copy_counts(store, cnow, now)
+    _prev_copy_counts(store, cprev, ev.Counts.empty())
+    parts["copy_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with store.tx() as c:
+        args = {"trend": False, "min_support": params.min_support, "top_r": params.top_r}
+        c.execute(sql.SQL(_PREV_RANKED).format(ev=evt, now=cnow, prev=cprev), args)
+        c.execute(sql.SQL(_PREV_PAIRS).format(pairs=pairs, ev=evt, vec=sql.SQL(ev._PAIR_VEC)))
+        c.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (c1, c2)").format(pairs))
+    parts["rank_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with store.tx() as c:
+        c.execute("SET LOCAL maintenance_work_mem = '1GB'")
+        c.execute(sql.SQL("CREATE INDEX ON {} USING hnsw (embedding public.halfvec_cosine_ops)").format(pairs))
+    parts["hnsw_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with store.tx() as c:
+        c.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(params.ef_search)))
+        c.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT c1, c2, sum(cnt)::int AS support FROM {} "
+                "GROUP BY c1, c2 HAVING sum(cnt) < %s"
+            ).format(sql.Identifier(f"_weak_s{sid}"), cnow),
+            (params.min_support,),
         )
-
-    def take(pending: bytearray, carry):
-        n = len(pending) // _ROW.itemsize
-        if n == 0:
-            return carry
-        rows = np.frombuffer(bytes(pending[: n * _ROW.itemsize]), dtype=_ROW)
-        del pending[: n * _ROW.itemsize]
-        return rows if carry is None else np.concatenate([carry, rows])
-
-    query = (
-        "COPY (SELECT user_id, item_id, ts, weight FROM interactions WHERE ts >= %s AND ts < %s"
-        " ORDER BY user_id, ts, item_id) TO STDOUT (FORMAT BINARY)"
-    )
-    pending, carry = bytearray(), None
-    with store.tx() as conn, conn.cursor() as cur, cur.copy(query, (start, end)) as cp:
-        first = True
-        for block in cp:
-            pending += block
-            if first:
-                del pending[:_HEADER]
-                first = False
-            if len(pending) < min(1 << 22, rows_per_chunk * _ROW.itemsize):
-                continue
-            carry = take(pending, carry)
-            if carry is None or len(carry) < rows_per_chunk:
-                continue
-            cut = int(np.searchsorted(carry["user"], carry["user"][-1]))
-            if cut > 0:
-                yield log(carry[:cut])
-                carry = carry[cut:]
-        carry = take(pending, carry)
-    if carry is not None and len(carry):
-        yield log(carry)
+        c.execute(
+            sql.SQL("INSERT INTO {ev} ").format(ev=evt)
+            + sql.SQL(ev._BORROW).format(
+                q=sql.Identifier(f"_weak_s{sid}"), pairs=pairs, ev=evt, vec=sql.SQL(ev._PAIR_VEC)
+            ),
+            {"k": params.neighbours, "top_r": params.top_r},
+        )
+        parts["borrow_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        c.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (c1, c2, rank)").format(evt))
+        stats = c.execute(
+            sql.SQL("SELECT count(DISTINCT (c1, c2)), count(DISTINCT (c1, c2)) FILTER (WHERE borrowed) FROM {}").format(
+                evt
+            )
+        ).fetchone()
+        c.execute(sql.SQL("DROP TABLE {}, {}").format(cnow, cprev))
+    ev.publish_snapshot(store, sid, int(stats[0]), int(stats[1]))  # type: ignore[index]
+    ev.prune_snapshots(store, keep)
+    parts["publish_s"] = time.perf_counter() - t
+    return ev.Snapshot(sid, window[0], window[1], int(stats[0]), int(stats[1]), now.triples, parts)  # type: ignore[index]
 
 
-def previous_counts(chunk, threshold: float, start: int, end: int, k: int) -> ev.Counts:
-    pos = chunk.weight >= threshold
-    u, it, ts, w = chunk.user[pos], chunk.item[pos], chunk.ts[pos], chunk.weight[pos]
-    o = np.lexsort((it, ts, u))  # the sort collapsed_sequences always did (it now skips it for sorted input)
-    t = triples_from_arrays(u[o], it[o], ts[o], w[o], chunk.item_cluster, threshold).window(start, end)
-    key = (t.c1.astype(np.int64) * k + t.c2) * k + t.c_next
-    uniq, cnt = np.unique(key, return_counts=True)  # successor_counts before its dense bincount
-    pair, cn = np.divmod(uniq, k)
-    c1, c2 = np.divmod(pair, k)
-    return ev.Counts(c1.astype(np.int32), c2.astype(np.int32), cn.astype(np.int32), cnt.astype(np.int64), len(t))
+# ------------------------------------------------------------------------------------ PostgreSQL CPU
+
+
+def pg_cpu_seconds(dsn: str) -> float | None:
+    """CPU seconds used so far by the embedded server (postmaster, live backends, and the reaped ones through
+    the postmaster's cutime/cstime); None for an external server."""
+    from urllib.parse import parse_qs, urlparse
+
+    host = (parse_qs(urlparse(dsn).query).get("host") or [""])[0]
+    pidfile = Path(host) / "postmaster.pid"
+    if not host or not pidfile.exists():
+        return None
+    pm = int(pidfile.read_text().split()[0])
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(d.name), int(f[1])
+        if pid == pm:
+            total += sum(int(x) for x in f[11:15]) / tick  # utime, stime, cutime, cstime
+        elif ppid == pm:
+            total += (int(f[11]) + int(f[12])) / tick
+    return total
 
 
 # --------------------------------------------------------------------------------------------- child
@@ -162,35 +229,35 @@ def child(cfg: dict) -> None:
     """One timed refresh. Prints a JSON line with the timings, then exits."""
     import resource
 
+    from recupdate_workloads.jobs import counting
+
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     conn = connect(cfg["dsn"])
     store = Store(dsn=cfg["dsn"], schema=cfg["schema"], conn=conn)
     backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
     start, end, thr = cfg["start"], cfg["end"], cfg["threshold"]
     params = ev.EvidenceParams(min_support=cfg["min_support"])
+    variant, workers = cfg["variant"], int(cfg.get("workers") or 0)
+    ray_start_s = None
+    if workers:  # the RayJob's cluster is up before its driver starts: Ray's start is not part of a refresh
+        from recupdate_workloads.model.train_loop import ensure_ray
+
+        t = time.perf_counter()
+        ensure_ray(num_cpus=workers, log_to_driver=False)
+        ray_start_s = time.perf_counter() - t
+        plan = counting.CountPlan(workers, "ray", 0)
+    else:
+        plan = counting.CountPlan(1, "inline", 0)
+    k = cfg["clusters"]
+    pg0, cpu0 = pg_cpu_seconds(cfg["dsn"]), _cpu()
     t0 = time.perf_counter()
-    catalogue, item_cluster = cat.load_catalogue(store)
-    k = len(catalogue)
+    counted = counting.count_window(store, start, end, thr, k, plan, rows_per_chunk=cfg["rows_per_chunk"])
     t1 = time.perf_counter()
-    parts, t_count, rows, chunks = [], 0.0, 0, 0
-    previous = cfg.get("variant") == "previous"
-    stream = previous_iter_interactions if previous else cat.iter_interactions
-    for chunk in stream(store, start, end, item_cluster, catalogue, rows_per_chunk=cfg["rows_per_chunk"]):
-        tc = time.perf_counter()
-        if previous:
-            parts.append(previous_counts(chunk, thr, start, end, k))
-        else:
-            parts.append(ev.Counts.of(triples(chunk, thr).window(start, end), k))
-        t_count += time.perf_counter() - tc
-        rows += len(chunk)
-        chunks += 1
-        del chunk
+    cpu1, pg1 = _cpu(), pg_cpu_seconds(cfg["dsn"])
+    build = previous_build_snapshot if variant == "previous" else ev.build_snapshot
+    snap = build(store, counted.counts, (start, end), params)
     t2 = time.perf_counter()
-    counts = ev.Counts.merge(parts, k)
-    del parts
-    t3 = time.perf_counter()
-    snap = ev.build_snapshot(store, counts, (start, end), params)
-    t4 = time.perf_counter()
+    pg2 = pg_cpu_seconds(cfg["dsn"])
     vmhwm = None
     try:
         for line in Path(f"/proc/{backend}/status").read_text().splitlines():
@@ -202,15 +269,18 @@ def child(cfg: dict) -> None:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             own_hwm = int(line.split()[1])
+    counts = counted.counts
     out = {
-        "rows": rows,
-        "chunks": chunks,
-        "total_s": t4 - t0,
-        "catalogue_s": t1 - t0,
-        "stream_s": (t2 - t1) - t_count,
-        "count_s": t_count,
-        "merge_s": t3 - t2,
-        "build_s": t4 - t3,
+        "rows": sum(s.rows for s in counted.shards),
+        "shards": [dataclasses.asdict(s) for s in counted.shards],
+        "total_s": t2 - t0,
+        "count_s": t1 - t0,
+        "build_s": t2 - t1,
+        "build_parts": snap.parts,
+        "count_cpu_s": cpu1 - cpu0 if not workers else sum(s.cpu_s for s in counted.shards),
+        "pg_count_cpu_s": None if pg0 is None or pg1 is None else pg1 - pg0,
+        "pg_build_cpu_s": None if pg1 is None or pg2 is None else pg2 - pg1,
+        "ray_start_s": ray_start_s,
         "triples": counts.triples,
         "count_rows": len(counts.c1),
         "pairs": snap.pairs,
@@ -223,6 +293,17 @@ def child(cfg: dict) -> None:
     }
     conn.close()
     print("CHILD " + json.dumps(out), flush=True)
+    if workers:
+        import ray
+
+        ray.shutdown()
+
+
+def _cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 # Linux carries a process's peak RSS over fork and exec (ru_maxrss of a child starts at its parent's RSS),
@@ -316,6 +397,40 @@ def med(xs: list[float]) -> float:
     return median(xs)
 
 
+def _variants(args: argparse.Namespace, n: int) -> list[tuple[str, dict]]:
+    """(label, child config) of what is timed at size n, in the order of each round."""
+    out = [("refresh", {"variant": "production"})]
+    if args.previous:
+        out.append(("previous", {"variant": "previous"}))
+    if n >= args.ray_min:
+        for w in [int(x) for x in args.ray_workers.split(",") if x]:
+            out.append((f"ray x{w}", {"variant": "production", "workers": w}))
+    return out
+
+
+def _line(label: str, res: dict, n: int) -> str:
+    from _common import fmt_rate
+
+    bp = res["build_parts"]
+    steps = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in bp.items() if k.endswith("_s"))
+    pg = res["pg_count_cpu_s"]
+    shards = ""
+    if len(res["shards"]) > 1 or res["ray_start_s"] is not None:
+        shards = "; shards " + ", ".join(
+            f"#{x['shard']} {x['rows']:,} rows {x['wall_s']:.2f} s wall {x['cpu_s']:.2f} s CPU" for x in res["shards"]
+        )
+        shards += f"; Ray start {res['ray_start_s']:.1f} s (not timed)"
+    return (
+        f"  {label:9} {res['total_s']:.2f} s = {fmt_rate(n / res['total_s'])}  (count {res['count_s']:.2f}: "
+        f"{res['count_cpu_s']:.2f} s CPU here"
+        + (f", PostgreSQL {pg:.2f} s CPU" if pg is not None else "")
+        + f"; build_snapshot {res['build_s']:.2f}: {steps}"
+        + (f", PostgreSQL {res['pg_build_cpu_s']:.2f} s CPU" if res["pg_build_cpu_s"] is not None else "")
+        + f"; {res['triples']:,} triples, {res['pairs']:,} pairs of which {res['borrowed_pairs']:,} borrowed; "
+        f"peak RSS {res['rss_child_kb'] / 1024:.0f} MiB{shards})"
+    )
+
+
 def bench_size(dsn: str, n: int, args: argparse.Namespace, tmpdir: Path, launcher: Launcher) -> dict:
     from _common import fmt_rate, fresh_store
 
@@ -372,29 +487,33 @@ def bench_size(dsn: str, n: int, args: argparse.Namespace, tmpdir: Path, launche
         "threshold": args.threshold,
         "min_support": args.min_support,
         "rows_per_chunk": args.rows_per_chunk,
+        "clusters": args.clusters,
     }
-    variants = ["production"] + (["previous"] if args.previous else [])
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    # The first refresh of a catalogue version builds its pair index and searches its weak pairs' lists;
+    # every later one reuses them. Timed apart, once.
+    cold = launcher.run({**cfg, "variant": "production"})
+    print(_line("first", cold, n) + "  <- builds the pair index of this catalogue", flush=True)
+    variants = _variants(args, n)
+    runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
     floors: list[dict] = []
     for r in range(args.repeats):
-        for v in variants:
-            res = launcher.run({**cfg, "variant": v})
-            runs[v].append(res)
-            label = "refresh " if v == "production" else "previous"
-            print(
-                f"  {label} #{r + 1}: {res['total_s']:.2f} s = {fmt_rate(n / res['total_s'])}  "
-                f"(stream {res['stream_s']:.2f}, count {res['count_s']:.2f}, merge {res['merge_s']:.2f}, "
-                f"build_snapshot {res['build_s']:.2f}; {res['chunks']} chunks, {res['triples']:,} triples, "
-                f"{res['pairs']:,} pairs of which {res['borrowed_pairs']:,} borrowed; "
-                f"peak RSS {res['rss_child_kb'] / 1024:.0f} MiB, VmHWM {res['vmhwm_self_kb'] / 1024:.0f} MiB)",
-                flush=True,
-            )
+        for label, extra in variants:
+            res = launcher.run({**cfg, **extra})
+            runs[label].append(res)
+            print(_line(f"{label} #{r + 1}", res, n), flush=True)
             if res["rows"] != n:
-                raise RuntimeError(f"{v} refresh read {res['rows']} rows, expected {n}")
-            expected = reference or runs["production"][0]["digest"]
+                raise RuntimeError(f"{label} read {res['rows']} rows, expected {n}")
+            expected = reference or cold["digest"]
             if res["digest"] != expected:
-                raise RuntimeError(f"{v} refresh counts {res['digest']} differ from {expected}")
+                raise RuntimeError(f"{label} counts {res['digest']} differ from {expected}")
+            if (res["pairs"], res["borrowed_pairs"]) != (cold["pairs"], cold["borrowed_pairs"]):
+                raise RuntimeError(
+                    f"{label}: {res['pairs']} pairs / {res['borrowed_pairs']} borrowed, not as the first"
+                )
+        pg_a = pg_cpu_seconds(dsn)
         fl = floor_once(store, floor_path, unlogged=not args.floor_logged, user_cluster=args.groupby_user_cluster)
+        pg_b = pg_cpu_seconds(dsn)
+        fl["pg_cpu_s"] = None if pg_a is None or pg_b is None else pg_b - pg_a
         floors.append(fl)
         uc = (
             f"; GROUP BY user, cluster {fl['groupby_user_cluster_s']:.2f} s, {fl['user_cluster_groups']:,} groups"
@@ -404,56 +523,51 @@ def bench_size(dsn: str, n: int, args: argparse.Namespace, tmpdir: Path, launche
         print(
             f"  floor    #{r + 1}: {fl['total_s']:.2f} s = {fmt_rate(n / fl['total_s'])}  "
             f"(COPY {fl['copy_s']:.2f}, GROUP BY cluster {fl['groupby_s']:.2f}{uc}); this round's ratio "
-            + ", ".join(f"{v} {runs[v][-1]['total_s'] / fl['total_s']:.2f}x" for v in variants),
+            + ", ".join(f"{label} {runs[label][-1]['total_s'] / fl['total_s']:.2f}x" for label, _ in variants),
             flush=True,
         )
-    refreshes = runs["production"]
     floor_path.unlink()
     store.conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
     store.close()
 
-    r_total = med([x["total_s"] for x in refreshes])
     f_total = med([x["total_s"] for x in floors])
     f_uc = med([x["copy_s"] + x["groupby_user_cluster_s"] for x in floors]) if args.groupby_user_cluster else None
+
+    def summary(rs: list[dict]) -> dict:
+        total = med([x["total_s"] for x in rs])
+        pg = [x["pg_count_cpu_s"] for x in rs if x["pg_count_cpu_s"] is not None]
+        return {
+            "refresh_s": total,
+            "refresh_rate": n / total,
+            "ratio": total / f_total,
+            "ratio_paired": med([a["total_s"] / b["total_s"] for a, b in zip(rs, floors, strict=True)]),
+            "count_s": med([x["count_s"] for x in rs]),
+            "build_s": med([x["build_s"] for x in rs]),
+            "build_parts": {k: med([x["build_parts"].get(k, 0.0) for x in rs]) for k in rs[0]["build_parts"]},
+            "count_cpu_s": med([x["count_cpu_s"] for x in rs]),
+            "count_rate_per_cpu_s": n / med([x["count_cpu_s"] for x in rs]),
+            "pg_count_cpu_s": med(pg) if pg else None,
+            "rss_mib": max(x["rss_child_kb"] for x in rs) / 1024,
+            "shards": len(rs[0]["shards"]),
+        }
+
     return {
         "n": n,
         "load_s": t_load,
         "load_rate": loaded / t_load,
         "vacuum_s": t_vac,
-        "refresh_s": r_total,
-        "refresh_rate": n / r_total,
-        "refresh_parts": {
-            p: med([x[p] for x in refreshes]) for p in ("catalogue_s", "stream_s", "count_s", "merge_s", "build_s")
-        },
         "floor_s": f_total,
         "floor_rate": n / f_total,
         "floor_parts": {p: med([x[p] for x in floors]) for p in ("copy_s", "groupby_s")},
+        "floor_pg_cpu_s": med([x["pg_cpu_s"] for x in floors]) if floors[0]["pg_cpu_s"] is not None else None,
         "floor_uc_s": f_uc,
-        "ratio": r_total / f_total,
-        "ratio_paired": med([a["total_s"] / b["total_s"] for a, b in zip(refreshes, floors, strict=True)]),
-        "ratio_uc": r_total / f_uc if f_uc else None,
-        "rss_mib": max(x["rss_child_kb"] for x in refreshes) / 1024,
-        "rss_start_mib": min(x["rss_start_kb"] for x in refreshes) / 1024,
-        "backend_vmhwm_mib": max((x["backend_vmhwm_kb"] or 0) for x in refreshes) / 1024,
-        "triples": refreshes[0]["triples"],
-        "pairs": refreshes[0]["pairs"],
-        "borrowed_pairs": refreshes[0]["borrowed_pairs"],
+        "first": {"refresh_s": cold["total_s"], "build_s": cold["build_s"], "build_parts": cold["build_parts"]},
+        "variants": {label: summary(rs) for label, rs in runs.items()},
+        "triples": cold["triples"],
+        "pairs": cold["pairs"],
+        "borrowed_pairs": cold["borrowed_pairs"],
         "checked": reference is not None,
-        "previous": None
-        if not args.previous
-        else {
-            "refresh_s": med([x["total_s"] for x in runs["previous"]]),
-            "refresh_rate": n / med([x["total_s"] for x in runs["previous"]]),
-            "ratio": med([x["total_s"] for x in runs["previous"]]) / f_total,
-            "ratio_paired": med([a["total_s"] / b["total_s"] for a, b in zip(runs["previous"], floors, strict=True)]),
-            "speedup": med([x["total_s"] for x in runs["previous"]]) / r_total,
-            "rss_mib": max(x["rss_child_kb"] for x in runs["previous"]) / 1024,
-            "refresh_parts": {
-                p: med([x[p] for x in runs["previous"]])
-                for p in ("catalogue_s", "stream_s", "count_s", "merge_s", "build_s")
-            },
-        },
-        "runs": {**runs, "floor": floors},
+        "runs": {**runs, "floor": floors, "first": [cold]},
     }
 
 
@@ -476,8 +590,14 @@ def main() -> None:
     p.add_argument(
         "--previous",
         action="store_true",
-        help="also time the path this replaced (row-by-row COPY, sort-based counting; see 'previous' in the source)",
+        help="also time the snapshot path this replaced (SQL ranking, an HNSW build per snapshot; see the source)",
     )
+    p.add_argument(
+        "--ray-workers",
+        default="",
+        help="also count on a local Ray with this many workers (one shard each), e.g. 1,2",
+    )
+    p.add_argument("--ray-min", type=int, default=0, help="only sizes from this many interactions on get the Ray runs")
     p.add_argument(
         "--groupby-user-cluster",
         action="store_true",
@@ -501,7 +621,7 @@ def main() -> None:
 
     sizes = [int(x) for x in args.sizes.split(",") if x]
     launcher = Launcher()  # first, while this process is small
-    print(f"bench_evidence  {stamp()}  rev {git_rev()}  {machine()}")
+    print(f"bench_evidence  {stamp()}  rev {git_rev()}  {machine()}  load {_load()}")
     results = []
     with postgres(args.dsn) as dsn, tempfile.TemporaryDirectory(prefix="recupdate-bench-ev-") as tmp:
         settings = pg_settings(dsn)
@@ -512,41 +632,50 @@ def main() -> None:
 
     print(
         f"\nmedians of {args.repeats} (floor = binary COPY into a fresh {'logged' if args.floor_logged else 'unlogged'}"
-        " table + GROUP BY cluster; 'paired' = median of each refresh over the floor run right after it)"
+        " table + GROUP BY cluster; 'paired' = median of each run over the floor run of its round); load " + _load()
     )
     print(
-        f"{'N':>11} {'load':>9} {'refresh':>9} {'refresh/s':>10} {'floor':>8} {'floor/s':>9} {'ratio':>6} "
-        f"{'paired':>7} {'peak RSS':>9}"
+        f"{'N':>11} {'variant':>9} {'refresh':>9} {'refresh/s':>10} {'floor':>8} {'ratio':>6} {'paired':>7} "
+        f"{'count':>7} {'build':>7} {'count/CPU-s':>12} {'PG CPU':>7} {'peak RSS':>9}"
     )
     for r in results:
-        print(
-            f"{r['n']:>11,} {fmt_rate(r['load_rate']):>9} {r['refresh_s']:>8.2f}s {fmt_rate(r['refresh_rate']):>10} "
-            f"{r['floor_s']:>7.2f}s {fmt_rate(r['floor_rate']):>9} {r['ratio']:>5.2f}x {r['ratio_paired']:>6.2f}x "
-            f"{r['rss_mib']:>6.0f} MiB"
-        )
-    for r in results:
-        parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["refresh_parts"].items())
-        uc = (
-            f"; COPY + GROUP BY user, cluster {r['floor_uc_s']:.2f} s = {r['ratio_uc']:.2f}x" if r["floor_uc_s"] else ""
-        )
-        print(
-            f"  N={r['n']:,}: refresh parts (s): {parts}; floor: COPY {r['floor_parts']['copy_s']:.2f}, "
-            f"GROUP BY {r['floor_parts']['groupby_s']:.2f}{uc}; child RSS at start {r['rss_start_mib']:.0f} MiB; "
-            f"PG backend VmHWM {r['backend_vmhwm_mib']:.0f} MiB (incl. shared buffers it touched); "
-            f"counts checked vs in-memory: {r['checked']}"
-        )
-    for r in results:
-        if r["previous"]:
-            q = r["previous"]
-            parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in q["refresh_parts"].items())
+        for label, v in r["variants"].items():
+            pg = f"{v['pg_count_cpu_s']:.2f}s" if v["pg_count_cpu_s"] is not None else "-"
             print(
-                f"  N={r['n']:,} previous: {q['refresh_s']:.2f} s = {fmt_rate(q['refresh_rate'])}; "
-                f"production is {q['speedup']:.2f}x faster; previous vs floor {q['ratio']:.2f}x (paired {q['ratio_paired']:.2f}x); "
-                f"peak RSS {q['rss_mib']:.0f} MiB; parts (s): {parts}"
+                f"{r['n']:>11,} {label:>9} {v['refresh_s']:>8.2f}s {fmt_rate(v['refresh_rate']):>10} "
+                f"{r['floor_s']:>7.2f}s {v['ratio']:>5.2f}x {v['ratio_paired']:>6.2f}x {v['count_s']:>6.2f}s "
+                f"{v['build_s']:>6.2f}s {fmt_rate(v['count_rate_per_cpu_s']):>12} {pg:>7} {v['rss_mib']:>6.0f} MiB"
             )
-    print("targets: refresh within 3x of the floor; peak RSS of the refresh under 2 GB at 10M")
+    for r in results:
+        fp = r["first"]
+        print(
+            f"  N={r['n']:,}: first refresh of the catalogue {fp['refresh_s']:.2f} s (build_snapshot {fp['build_s']:.2f}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in fp["build_parts"].items())
+            + f"); floor: COPY {r['floor_parts']['copy_s']:.2f}, GROUP BY {r['floor_parts']['groupby_s']:.2f}, "
+            f"PostgreSQL CPU {r['floor_pg_cpu_s'] if r['floor_pg_cpu_s'] is None else round(r['floor_pg_cpu_s'], 2)} s; "
+            f"{r['pairs']:,} pairs, {r['borrowed_pairs']:,} borrowed; counts checked vs in-memory: {r['checked']}"
+        )
+        for label, v in r["variants"].items():
+            print(
+                f"  N={r['n']:,} {label}: build_snapshot parts (median s): "
+                + ", ".join(f"{k} {x:.3f}" for k, x in v["build_parts"].items())
+            )
+    print("targets: refresh within 3x of the floor at 1M and 10M; peak RSS of the refresh under 2 GB at 10M")
+    summary = {
+        "date": stamp(),
+        "sizes": sizes,
+        "ratios": {f"{r['n']}:{label}": round(v["ratio"], 3) for r in results for label, v in r["variants"].items()},
+    }
     if args.json:
         Path(args.json).write_text(json.dumps({"date": stamp(), "settings": settings, "results": results}, indent=1))
+    print(json.dumps(summary))
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 if __name__ == "__main__":

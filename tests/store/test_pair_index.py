@@ -202,19 +202,25 @@ def test_borrowing_in_numpy_equals_borrow_for_in_sql(store: Store) -> None:
         assert all(s.cluster not in pair for s in e.successors)
 
 
-def test_pairs_with_too_few_donors_in_their_list_are_searched_in_the_view(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_short_lists_grow_or_are_searched_in_the_view(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     _catalogue(store, 20)
     params = ev.EvidenceParams(top_r=4, min_support=5, neighbours=3)
     counts = _random_counts(20, seed=9)
-    normal = ev.build_snapshot(store, counts, (0, 1), params)
-    monkeypatch.setattr(ev, "NEIGHBOUR_LIST", 2)  # every list is cut before `neighbours` donors
-    with store.tx() as c:  # lists of a new length: search them again
+    with monkeypatch.context() as m:  # lists of 2: every one is cut before `neighbours` donors
+        m.setattr(ev, "NEIGHBOUR_LIST", 2)
+        m.setattr(ev, "MAX_NEIGHBOUR_LIST", 2)
+        searched = ev.build_snapshot(store, counts, (0, 1), params)
+    assert searched.parts["searched_in_view"] == searched.borrowed_pairs > 30
+    # lists of 2 are kept; the next snapshot, allowed longer lists, grows them and needs no search in the view
+    grown = ev.build_snapshot(store, counts, (0, 1), params)
+    assert grown.parts["lists_grown"] == grown.borrowed_pairs and grown.parts.get("searched_in_view") == 0
+    assert ev.list_length(10, 100, 3) == 60 and ev.list_length(90, 100, 3) == ev.NEIGHBOUR_LIST
+    assert ev.list_length(1, 10**6, 5) == ev.MAX_NEIGHBOUR_LIST and ev.list_length(5, 6, 5) == 5
+    with store.tx() as c:  # a fresh index, never told about lists: the reference
         c.execute(sql.SQL("TRUNCATE {}").format(store.ident(ev.pair_index(store).lists)))
-    searched = ev.build_snapshot(store, counts, (0, 1), params)
-    assert searched.parts["searched_in_view"] == searched.borrowed_pairs == normal.borrowed_pairs > 0
-    assert ev.load_evidence(store, searched.snapshot_id) == ev.load_evidence(store, normal.snapshot_id)
+    fresh = ev.build_snapshot(store, counts, (0, 1), params)
+    want = ev.load_evidence(store, fresh.snapshot_id)
+    assert ev.load_evidence(store, searched.snapshot_id) == want == ev.load_evidence(store, grown.snapshot_id)
 
 
 def test_large_catalogues_index_each_snapshot_and_agree(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -184,8 +184,8 @@ def count_window(
     plan = plan or CountPlan(1, "inline", 0)
     lookback = start - (end - start) if lookback is None else lookback
     if plan.shards == 1:
-        counts, stats = count_shard(store, start, end, lookback, threshold, n_clusters, None, rows_per_chunk)
-        return WindowCounts(counts, plan, [stats], time.perf_counter() - t0)
+        counts, one = count_shard(store, start, end, lookback, threshold, n_clusters, None, rows_per_chunk)
+        return WindowCounts(counts, plan, [one], time.perf_counter() - t0)
     shards = [(i, plan.shards) for i in range(plan.shards)]
     if plan.executor == "inline":
         results = [count_shard(store, start, end, lookback, threshold, n_clusters, s, rows_per_chunk) for s in shards]
