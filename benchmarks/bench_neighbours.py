@@ -2,25 +2,31 @@
 """Neighbour queries: latency (p50/p99) and recall@k of evidence.nearest_pairs on a real snapshot.
 
 Setup (untimed except where printed): a synthetic catalogue of C clusters embedded with MiniLM, and
-counts that give every ordered pair (c1, c2), c1 != c2, at least min_support, so the snapshot has
-C*(C-1) donor pairs (320 clusters: 102,080 pairs) in its evidence_pairs table. It is built with
-evidence.build_snapshot, so the HNSW index measured is the one production builds and publishes.
+counts that give every ordered pair (c1, c2), c1 != c2, at least min_support (or a random --donor-fraction
+of them), so the snapshot has up to C*(C-1) donor pairs (320 clusters: 102,080 pairs). It is built with
+evidence.build_snapshot, so what is measured is what production publishes: the snapshot's donor view over
+the shared pair index of the catalogue (every ordered pair, its HNSW index built once per catalogue).
 
 Measured for the same random query pairs, interleaved query by query (these machines are noisy):
   nearest_pairs     the production function, evidence.nearest_pairs(store, c1, c2, k, ef_search): one
-                    statement on an autocommit session (ef_search set on the session once)
-  per-call tx       the same SELECT in its own transaction with SET LOCAL search_path and ef_search, as
-                    nearest_pairs did before (BEGIN, 2 SETs, SELECT, COMMIT: five round trips)
+                    statement on an autocommit session (ef_search and the iterative scan set on the session
+                    once), over the donor view: the shared index, filtered to the snapshot's donors
+  previous layout   the same statement over the layout it replaced: the snapshot's donor pairs copied into
+                    a table of their own with an HNSW index of their own (built here from the same view)
+  per-call tx       the production SELECT in its own transaction with SET LOCAL search_path and the search
+                    settings (BEGIN, 3 SETs, SELECT, COMMIT), as nearest_pairs did before it was one statement
   roundtrip         SELECT 1: one bare round trip, the floor of any query through the client
-  exact             the same SELECT with enable_indexscan = off: a sequential scan (the baseline)
-Recall@k is against exact search in numpy over the stored pair embeddings (tie-aware: a returned pair
-counts if its exact similarity reaches the k-th best). psycopg prepares a statement after 5 runs; the
-warm-up runs past that, and the exact baseline runs unprepared because a prepared plan ignores a later
-SET of a planner setting (docs/architecture.md). hnsw.ef_search is read at execution, so SET LOCAL works with
-prepared plans.
+  exact             the same SELECT with enable_indexscan = off over the donors' own table: a sequential
+                    scan (the baseline)
+Recall@k is against exact search in numpy over the donors' full-precision pair vectors (tie-aware: a
+returned pair counts if its exact similarity reaches the k-th best). psycopg prepares a statement after 5
+runs; the warm-up runs past that, and the exact baseline runs unprepared because a prepared plan ignores a
+later SET of a planner setting (docs/architecture.md). hnsw.ef_search is read at execution, so SET LOCAL
+works with prepared plans.
 
-    .venv/bin/python benchmarks/bench_neighbours.py                                  # quick: 160 clusters
-    .venv/bin/python benchmarks/bench_neighbours.py --clusters 320 --queries 1000     # full: 102k pairs
+    .venv/bin/python benchmarks/bench_neighbours.py                                  # quick: 120 clusters
+    .venv/bin/python benchmarks/bench_neighbours.py --clusters 320 --queries 1000 --slow-queries 50   # full
+    .venv/bin/python benchmarks/bench_neighbours.py --clusters 320 --donor-fraction 0.25             # filtered
 """
 
 from __future__ import annotations
@@ -58,19 +64,55 @@ def select_query(store: Store) -> sql.Composed:
     return sql.SQL(SELECT_SQL).format(vec=sql.SQL(ev._PAIR_VEC), pp=store.ident("evidence_pairs"))
 
 
+def build_old_layout(store: Store) -> tuple[str, float]:
+    """The layout every snapshot had before the shared pair index: its donor pairs copied with their vectors
+    into a table of their own, with an HNSW index of their own. Returns the table and its build seconds."""
+    t = time.perf_counter()
+    with store.tx() as c:
+        c.execute("DROP TABLE IF EXISTS old_evidence_pairs")
+        c.execute("CREATE TABLE old_evidence_pairs AS SELECT c1, c2, support, embedding FROM evidence_pairs")
+        c.execute("ALTER TABLE old_evidence_pairs ADD PRIMARY KEY (c1, c2)")
+        c.execute("SET LOCAL maintenance_work_mem = '1GB'")
+        c.execute("CREATE INDEX ON old_evidence_pairs USING hnsw (embedding public.halfvec_cosine_ops)")
+        c.execute("ANALYZE old_evidence_pairs")
+    return "old_evidence_pairs", time.perf_counter() - t
+
+
+def old_query(store: Store) -> sql.Composed:
+    """nearest_pairs' SELECT as it was: over the snapshot's own pairs table, schema-qualified (one round trip)."""
+    return sql.SQL(
+        "WITH q AS MATERIALIZED (SELECT {vec} AS emb FROM {cl} a, {cl} b"
+        " WHERE a.cluster = %(c1)s AND b.cluster = %(c2)s)"
+        " SELECT p.c1, p.c2, 1 - (p.embedding OPERATOR(public.<=>) (SELECT emb FROM q)) FROM {pp} p"
+        " WHERE (p.c1, p.c2) <> (%(c1)s, %(c2)s) AND EXISTS (SELECT FROM q)"
+        " ORDER BY p.embedding OPERATOR(public.<=>) (SELECT emb FROM q) LIMIT %(k)s"
+    ).format(vec=sql.SQL(ev._PAIR_VEC), cl=store.ident("clusters"), pp=store.ident("old_evidence_pairs"))
+
+
+def nearest_pairs_old_layout(store: Store, query: sql.Composed, c1: int, c2: int, k: int, ef_search: int) -> list:
+    """The previous production nearest_pairs: one statement on an autocommit session, its own HNSW index."""
+    store.set_session("hnsw.ef_search", ef_search)
+    rows = store.conn.execute(query, {"c1": c1, "c2": c2, "k": k}).fetchall()
+    return [(int(a), int(b), float(x)) for a, b, x in rows]
+
+
 def nearest_pairs_per_call_tx(store: Store, c1: int, c2: int, k: int = 10, ef_search: int = 40) -> list[tuple]:
     """nearest_pairs as it was: its own transaction, SET LOCAL search_path and ef_search, then the SELECT."""
     with store.tx() as c:
         c.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search)))
+        c.execute(sql.SQL("SET LOCAL hnsw.iterative_scan = {}").format(sql.Literal(ev.ITERATIVE_SCAN)))
         rows = c.execute(select_query(store), {"c1": c1, "c2": c2, "k": k}).fetchall()
     return [(int(a), int(b), float(s)) for a, b, s in rows]
 
 
-def all_pair_counts(n_clusters: int, min_support: int, successors: int, seed: int) -> ev.Counts:
-    """Counts in which every ordered pair has `successors` successors and support >= min_support."""
+def all_pair_counts(n_clusters: int, min_support: int, successors: int, seed: int, fraction: float = 1.0) -> ev.Counts:
+    """Counts in which every ordered pair (or a random `fraction` of them) has `successors` successors and
+    support >= min_support."""
     rng = np.random.default_rng(seed)
     c1, c2 = np.meshgrid(np.arange(n_clusters), np.arange(n_clusters), indexing="ij")
     keep = c1 != c2
+    if fraction < 1.0:
+        keep &= np.random.default_rng(seed + 7).random(c1.shape) < fraction
     c1, c2 = c1[keep].astype(np.int32), c2[keep].astype(np.int32)
     n, m = len(c1), n_clusters - 2
     # `successors` distinct ranks among the m clusters outside {c1, c2}, then mapped past c1 and c2.
@@ -97,6 +139,8 @@ def server_side(
     """Per-query execution times (ms) measured inside PostgreSQL, for nearest_pairs' SELECT."""
     text = SELECT_SQL.replace("%(c1)s", "r.c1").replace("%(c2)s", "r.c2").replace("%(k)s", str(int(k)))
     body = sql.SQL(text).format(vec=sql.SQL(ev._PAIR_VEC), pp=store.ident("evidence_pairs"))
+    # the exact scan reads the donors' own table (see run_exact)
+    exact_body = sql.SQL(text).format(vec=sql.SQL(ev._PAIR_VEC), pp=store.ident("old_evidence_pairs"))
     conn.execute("DROP TABLE IF EXISTS _bench_q, _bench_lat")
     conn.execute("CREATE TEMP TABLE _bench_q (i int, c1 int, c2 int)")
     conn.execute("CREATE TEMP TABLE _bench_lat (cfg text, ms float8)")
@@ -104,7 +148,14 @@ def server_side(
         for i, (a, b) in enumerate(queries):
             cp.write_row((i, a, b))
     cfgs: list[tuple[str, sql.Composable, int]] = [
-        (f"ef={ef}", sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)), len(queries)) for ef in efs
+        (
+            f"ef={ef}",
+            sql.SQL("SET LOCAL hnsw.ef_search = {}; SET LOCAL hnsw.iterative_scan = {}").format(
+                sql.Literal(ef), sql.Literal(ev.ITERATIVE_SCAN)
+            ),
+            len(queries),
+        )
+        for ef in efs
     ]
     cfgs.append(
         ("exact (seq scan)", sql.SQL("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off"), slow)
@@ -121,7 +172,9 @@ def server_side(
                     " t0 := clock_timestamp(); PERFORM * FROM ({body}) x;"
                     " INSERT INTO _bench_lat VALUES ({name}, extract(epoch FROM clock_timestamp() - t0) * 1000);"
                     " END LOOP; END $$"
-                ).format(n=sql.Literal(n), body=body, name=sql.Literal(name))
+                ).format(
+                    n=sql.Literal(n), body=exact_body if name.startswith("exact") else body, name=sql.Literal(name)
+                )
             )
         xs = conn.execute("SELECT ms FROM _bench_lat WHERE cfg = %s", (name,)).fetchall()
         out[f"{name}"] = [float(x[0]) for x in xs]
@@ -154,6 +207,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=20, help="untimed calls per configuration first (>5: prepared)")
     p.add_argument("--min-support", type=int, default=5)
     p.add_argument("--successors", type=int, default=3, help="successors per pair in the evidence")
+    p.add_argument(
+        "--donor-fraction",
+        type=float,
+        default=1.0,
+        help="share of the pairs that are donors of the snapshot (the shared index holds them all)",
+    )
     p.add_argument("--seed", type=int, default=11)
     p.add_argument(
         "--maintenance-work-mem",
@@ -178,7 +237,7 @@ def main() -> None:
         t = time.perf_counter()
         cat.save_catalogue(store, catalogue, np.arange(C, dtype=np.int32))
         t_cat = time.perf_counter() - t
-        counts = all_pair_counts(C, args.min_support, args.successors, args.seed)
+        counts = all_pair_counts(C, args.min_support, args.successors, args.seed, args.donor_fraction)
         notices: list[str] = []
         store.conn.add_notice_handler(lambda d: notices.append(d.message_primary))
         if args.maintenance_work_mem:  # for the HNSW build (build_snapshot sets 1GB itself)
@@ -191,25 +250,30 @@ def main() -> None:
             idx = store.conn.execute(
                 "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = %s::regclass AND indexrelid::regclass::text"
                 " LIKE '%%embedding%%'",
-                (f"{store.schema}.evidence_pairs_s{snap.snapshot_id}",),
+                (f"{store.schema}.{ev.pair_index(store).vectors}",),
             ).fetchone()[0]  # type: ignore[index]
             t = time.perf_counter()
             store.conn.execute(f"REINDEX INDEX {idx}")
             t_index = time.perf_counter() - t
         print(
             f"catalogue of {C} clusters + embeddings {t_cat:.1f} s; build_snapshot ({snap.pairs:,} pairs, "
-            f"{snap.borrowed_pairs} borrowed, {len(counts.c1):,} count rows, HNSW index included) {t_build:.1f} s"
+            f"{snap.borrowed_pairs} borrowed, {len(counts.c1):,} count rows; the shared pair index of "
+            f"{C * (C - 1):,} pairs built: {snap.parts.get('pair_index_s', 0):.1f} s) {t_build:.1f} s"
         )
+        old_table, t_old = build_old_layout(store)
+        print(f"previous layout: the snapshot's own pairs table and HNSW index, built in {t_old:.1f} s")
+        oq = old_query(store)
         if t_index is not None:
             print(f"HNSW build alone (REINDEX of the same index): {t_index:.1f} s")
         for msg in sorted(set(notices)):
             print(f"notice during build: {msg}")
-        size = store.conn.execute(
-            sql.SQL("SELECT pg_table_size({t}), pg_indexes_size({t})").format(
-                t=sql.Literal(f"{store.schema}.evidence_pairs_s{snap.snapshot_id}")
-            )
-        ).fetchone()
-        print(f"pairs table {size[0] / 2**20:.0f} MiB, its indexes {size[1] / 2**20:.0f} MiB")  # type: ignore[index]
+        for label, table in (("shared pair index", ev.pair_index(store).vectors), ("previous layout", old_table)):
+            size = store.conn.execute(
+                sql.SQL("SELECT pg_table_size({t}), pg_indexes_size({t})").format(
+                    t=sql.Literal(f"{store.schema}.{table}")
+                )
+            ).fetchone()
+            print(f"{label}: table {size[0] / 2**20:.0f} MiB, its indexes {size[1] / 2**20:.0f} MiB")  # type: ignore[index]
 
         # Ground truth in numpy at full precision (the index holds half-precision vectors): each pair's vector
         # l2_normalize(e1 + 2 e2) from the clusters' float32 embeddings, as _PAIR_VEC computes it.
@@ -245,11 +309,15 @@ def main() -> None:
         bare.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(store.schema)))
         pq = select_query(store)
 
+        exact_q = sql.SQL(SELECT_SQL).format(vec=sql.SQL(ev._PAIR_VEC), pp=store.ident(old_table))
+
         def run_exact(c1: int, c2: int) -> list:
             with store.tx() as c:
                 c.execute("SET LOCAL enable_indexscan = off")
                 c.execute("SET LOCAL enable_bitmapscan = off")
-                return c.execute(pq, {"c1": c1, "c2": c2, "k": k}, prepare=False).fetchall()
+                # over the donors' own table: in the donor view, with index scans off, every candidate's
+                # donor check would scan the evidence table
+                return c.execute(exact_q, {"c1": c1, "c2": c2, "k": k}, prepare=False).fetchall()
 
         def run_roundtrip() -> list:
             return bare.execute("SELECT 1").fetchall()
@@ -258,6 +326,9 @@ def main() -> None:
         slow: dict[str, Callable[[int, int], object]] = {"exact (seq scan)": run_exact}
         for ef in efs:
             configs[f"nearest_pairs ef={ef}"] = partial(lambda a, b, ef: ev.nearest_pairs(store, a, b, k, ef), ef=ef)
+            configs[f"previous layout ef={ef}"] = partial(
+                lambda a, b, ef: nearest_pairs_old_layout(store, oq, a, b, k, ef), ef=ef
+            )
             configs[f"per-call tx ef={ef}"] = partial(
                 lambda a, b, ef: nearest_pairs_per_call_tx(store, a, b, k, ef), ef=ef
             )
@@ -326,9 +397,11 @@ def main() -> None:
             )
         ex = table["exact (seq scan)"]["p50"]
         for ef in efs:
-            npq, tx = (table[f"{x} ef={ef}"] for x in ("nearest_pairs", "per-call tx"))
+            npq, tx, old = (table[f"{x} ef={ef}"] for x in ("nearest_pairs", "per-call tx", "previous layout"))
             print(
                 f"ef={ef}: nearest_pairs p50 {npq['p50']:.3f} ms = {ex / npq['p50']:.0f}x faster than exact; "
+                f"the previous layout (own index per snapshot) is {old['p50'] / npq['p50']:.2f}x its p50 and "
+                f"{old['p99'] / npq['p99']:.2f}x its p99; "
                 f"the per-call transaction is {tx['p50'] / npq['p50']:.2f}x its p50 and {tx['p99'] / npq['p99']:.2f}x "
                 f"its p99"
             )
@@ -356,6 +429,17 @@ def main() -> None:
         bare.close()
         store.conn.execute('DROP SCHEMA "bench_nb" CASCADE')
         store.close()
+    summary = {
+        "date": stamp(),
+        "pairs": snap.pairs,
+        "donor_fraction": args.donor_fraction,
+        **{
+            f"{name} {stat}": round(table[name][stat], 4)
+            for name in table
+            if name.startswith(("nearest_pairs", "previous layout"))
+            for stat in ("p50", "p99", "recall")
+        },
+    }
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -375,6 +459,7 @@ def main() -> None:
                 indent=1,
             )
         )
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
