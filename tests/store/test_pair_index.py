@@ -270,3 +270,21 @@ def test_snapshots_of_the_earlier_layout_are_pruned(store: Store) -> None:
         ).fetchone()
         state = c.execute("SELECT state FROM snapshots WHERE snapshot_id = 900").fetchone()
     assert left == (0,) and state == ("dropped",)
+
+
+def test_sparse_donors_get_long_lists(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few donors among many pairs: long lists, searched with a candidate queue pgvector accepts (ef_search
+    at most 1000, here for lists of 600), and the same borrowing as borrow_for's search in the donor view."""
+    _catalogue(store, 40)
+    params = ev.EvidenceParams(top_r=3, min_support=4, neighbours=3)
+    counts = _random_counts(40, seed=13, density=0.03)
+    assert ev.build_snapshot(store, counts, (0, 1), params).parts["lists_length"] > 150  # 2k / donor share
+    monkeypatch.setattr(ev, "NEIGHBOUR_LIST", 600)
+    monkeypatch.setattr(ev, "MAX_NEIGHBOUR_LIST", 600)
+    with store.tx() as c:
+        c.execute(sql.SQL("TRUNCATE {}").format(store.ident(ev.pair_index(store).lists)))
+    snap = ev.build_snapshot(store, counts, (0, 1), params)
+    assert snap.parts["lists_length"] == 600 and snap.parts["lists_searched"] == snap.borrowed_pairs > 5
+    built = {k: v for k, v in ev.load_evidence(store, snap.snapshot_id).items() if v.borrowed}
+    asked = ev.borrow_for(store, sorted(built), params)
+    assert {p: e.borrowed_from for p, e in asked.items()} == {p: e.borrowed_from for p, e in built.items()}

@@ -653,7 +653,8 @@ def _donor_candidates(
     donor_keys = r.c1[donors].astype(np.int64) * _MAX_ID + r.c2[donors]  # sorted: rows are by pair
 
     def fill(weak: sql.Composable, length: int, have: int) -> int:
-        _search_settings(c, max(params.ef_search, 2 * length))
+        # a candidate queue twice the list (pgvector allows at most 1000; the iterative scan goes on past it)
+        _search_settings(c, min(max(params.ef_search, 2 * length), 1000))
         args = {"m": length, "have": have}
         return max(c.execute(sql.SQL(_FILL_LISTS).format(nb=nb, weak=weak, pv=pv), args).rowcount, 0)
 
@@ -680,8 +681,10 @@ def _donor_candidates(
     short = np.flatnonzero(cut & (found < k))
     timings["lists_read_s"] = time.perf_counter() - t
     timings["lists_length"] = float(m)
-    longer = min(4 * m, MAX_NEIGHBOUR_LIST, max(pi.pairs - 1, 1))
-    if len(short) and longer > m:  # lists too short where donors are sparse: longer ones, kept for next time
+    # Lists too short where donors are sparse: longer ones, kept for the next snapshots (a list already that
+    # long is not searched again).
+    longer = max(min(4 * m, MAX_NEIGHBOUR_LIST, max(pi.pairs - 1, 1)), m)
+    if len(short):
         t = time.perf_counter()
         again = _copy_pairs(c, f"_again_s{sid}", r.weak_c1[short], r.weak_c2[short])
         timings["lists_grown"] = float(fill(again, longer, longer))
