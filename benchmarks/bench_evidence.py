@@ -19,7 +19,9 @@ refreshes reuse them, as every later refresh of the same catalogue does.
 Variants, in the same rounds: `--previous`, the snapshot path this replaced (SQL ranking, an HNSW index
 built per snapshot, one search per weak pair; kept below for the comparison), on the same counts; and
 `--ray-workers 1,2`, the counting split by user into one shard per worker on a local Ray with that many
-CPUs (Ray's start is not timed: a RayJob's cluster is up before its driver runs). Each run reports the CPU
+CPUs (Ray's start is not timed: a RayJob's cluster is up before its driver runs); `--inline-shards 8`, the
+counting split into 8 shards counted one after another in the child (each shard's query scans the whole
+window and keeps its users: this shows what an extra shard costs PostgreSQL). Each run reports the CPU
 seconds of the counting (this process, or the Ray tasks) and, for the embedded server, PostgreSQL's CPU
 seconds (postmaster, backends and reaped backends, from /proc): the per-core rates of docs/scaling.md.
 
@@ -240,14 +242,12 @@ def child(cfg: dict) -> None:
     variant, workers = cfg["variant"], int(cfg.get("workers") or 0)
     ray_start_s = None
     if workers:  # the RayJob's cluster is up before its driver starts: Ray's start is not part of a refresh
-        from recupdate_workloads.model.train_loop import ensure_ray
-
         t = time.perf_counter()
-        ensure_ray(num_cpus=workers, log_to_driver=False)
+        _start_ray(workers)
         ray_start_s = time.perf_counter() - t
         plan = counting.CountPlan(workers, "ray", 0)
-    else:
-        plan = counting.CountPlan(1, "inline", 0)
+    else:  # one shard, or several one after another in this process (what each extra shard costs PostgreSQL)
+        plan = counting.CountPlan(int(cfg.get("shards") or 1), "inline", 0)
     k = cfg["clusters"]
     pg0, cpu0 = pg_cpu_seconds(cfg["dsn"]), _cpu()
     t0 = time.perf_counter()
@@ -297,6 +297,22 @@ def child(cfg: dict) -> None:
         import ray
 
         ray.shutdown()
+
+
+def _start_ray(cpus: int, tries: int = 3) -> None:
+    """A local Ray with `cpus` CPUs. On a loaded machine its start can time out: try again."""
+    import ray
+
+    from recupdate_workloads.model.train_loop import ensure_ray
+
+    for i in range(tries):
+        try:
+            ensure_ray(num_cpus=cpus, log_to_driver=False)
+            return
+        except Exception:
+            ray.shutdown()
+            if i == tries - 1:
+                raise
 
 
 def _cpu() -> float:
@@ -402,6 +418,8 @@ def _variants(args: argparse.Namespace, n: int) -> list[tuple[str, dict]]:
     out = [("refresh", {"variant": "production"})]
     if args.previous:
         out.append(("previous", {"variant": "previous"}))
+    for n_shards in [int(x) for x in args.inline_shards.split(",") if x]:
+        out.append((f"inline x{n_shards}", {"variant": "production", "shards": n_shards}))
     if n >= args.ray_min:
         for w in [int(x) for x in args.ray_workers.split(",") if x]:
             out.append((f"ray x{w}", {"variant": "production", "workers": w}))
@@ -596,6 +614,12 @@ def main() -> None:
         "--ray-workers",
         default="",
         help="also count on a local Ray with this many workers (one shard each), e.g. 1,2",
+    )
+    p.add_argument(
+        "--inline-shards",
+        default="",
+        help="also count split into this many shards one after another in one process, e.g. 8: each shard scans "
+        "the whole window, so this shows what a shard costs PostgreSQL",
     )
     p.add_argument("--ray-min", type=int, default=0, help="only sizes from this many interactions on get the Ray runs")
     p.add_argument(
