@@ -437,7 +437,8 @@ def _line(label: str, res: dict, n: int) -> str:
         shards = "; shards " + ", ".join(
             f"#{x['shard']} {x['rows']:,} rows {x['wall_s']:.2f} s wall {x['cpu_s']:.2f} s CPU" for x in res["shards"]
         )
-        shards += f"; Ray start {res['ray_start_s']:.1f} s (not timed)"
+        if res["ray_start_s"] is not None:
+            shards += f"; Ray start {res['ray_start_s']:.1f} s (not timed)"
     return (
         f"  {label:9} {res['total_s']:.2f} s = {fmt_rate(n / res['total_s'])}  (count {res['count_s']:.2f}: "
         f"{res['count_cpu_s']:.2f} s CPU here"

@@ -33,9 +33,11 @@ from recupdate_workloads.store.evidence import Counts
 log = logging.getLogger("recupdate.jobs.counting")
 
 SHARD_ROWS_ENV = "RECUPDATE_EVIDENCE_SHARD_ROWS"
-#: Above this many interactions in a window, its counting is split even on one worker (about a minute of
-#: one core at the measured ~750k interactions/s; docs/scaling.md).
-DEFAULT_SHARD_ROWS = 50_000_000
+#: Above this many interactions in a window, its counting is split even on one worker, into shards of at
+#: most this many (Ray tasks that an autoscaler can spread, and that retry alone): about 4 minutes of one
+#: core. Kept large because every shard's query scans the whole window: an extra shard costs PostgreSQL
+#: about a fifth of a single pass's CPU (docs/scaling.md).
+DEFAULT_SHARD_ROWS = 200_000_000
 #: A shard merges its chunks' counts every this many chunks, so its memory stays bounded by a few chunks.
 _MERGE_EVERY = 16
 
