@@ -19,6 +19,7 @@ Exported names (Ray adds the ``ray_`` prefix, and ``_total`` to counters; docs/s
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +33,14 @@ REQUESTS_METRIC = "recupdate_serve_requests"
 LATENCY_METRIC = "recupdate_serve_latency_ms"
 TABLE_VERSION_METRIC = "recupdate_serve_table_version"
 LOAD_SECONDS_METRIC = "recupdate_serve_release_load_seconds"
+
+
+def gauge_refresh_s(environ: Mapping[str, str] | None = None) -> float:
+    """How often the replica re-sets its gauges: once per Ray report interval (``$RAY_metrics_report_interval_ms``,
+    10 s by default, at least 1 s), at most every 5 s; Ray's agent keeps a gauge for two intervals."""
+    raw = (os.environ if environ is None else environ).get("RAY_metrics_report_interval_ms", "")
+    interval = int(raw) / 1000 if raw.strip().isdigit() else 10.0
+    return min(5.0, max(1.0, interval))
 
 
 class ServingMetrics:
@@ -58,6 +67,7 @@ class ServingMetrics:
         )
         self._table_version = metrics.Gauge(TABLE_VERSION_METRIC, description="The transition table version served.")
         self._load_seconds = metrics.Gauge(LOAD_SECONDS_METRIC, description="Load time of the served release, in s.")
+        self._served: tuple[int, float] | None = None
         self._lock = threading.Lock()
         self.totals: dict[str, dict[str, int]] = {e: dict.fromkeys(OUTCOMES, 0) for e in ENDPOINTS}
 
@@ -75,8 +85,16 @@ class ServingMetrics:
         self._latency.observe(ms, tags={"endpoint": endpoint})
 
     def served(self, table_version: int, load_seconds: float) -> None:
-        self._table_version.set(table_version)
-        self._load_seconds.set(load_seconds)
+        self._served = (table_version, load_seconds)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set the gauges again. Ray 2.60 exports a gauge value once and its agent drops a series not refreshed
+        within two report intervals (measured: gone 2 s after one set at a 1 s interval), so the replica
+        re-sets them every gauge_refresh_s()."""
+        if self._served is not None:
+            self._table_version.set(self._served[0])
+            self._load_seconds.set(self._served[1])
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

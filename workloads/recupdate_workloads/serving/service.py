@@ -22,7 +22,7 @@ from recupdate_workloads.contract.redact import redact, redact_logs
 from recupdate_workloads.contract.serve import UserConfig
 from recupdate_workloads.data.types import PairEvidence
 from recupdate_workloads.serving.intake import Intake
-from recupdate_workloads.serving.metrics import ServingMetrics
+from recupdate_workloads.serving.metrics import ServingMetrics, gauge_refresh_s
 from recupdate_workloads.serving.release import Loaded, _bounded_put, last_two_distinct, load_release, rank_online
 from recupdate_workloads.serving.schema import RecommendRequest, UnknownClusters
 
@@ -76,6 +76,7 @@ class RecommenderService:
         self._model_slots = threading.BoundedSemaphore(max(1, max_pending_model_calls))
         self._retry_delays = tuple(retry_delays_s)
         self._retry: asyncio.Task | None = None
+        self._gauges: asyncio.Task | None = None
         self._generation = 0
         self.loading: str | None = None
         self._replica = os.environ.get("RAY_SERVE_REPLICA_ID") or f"pid-{os.getpid()}"
@@ -160,6 +161,8 @@ class RecommenderService:
             self.loaded = new  # the swap: one reference assignment
             self.last_error = None
             self.metrics.served(new.config.table_version, new.load_seconds)
+            if self._gauges is None:
+                self._gauges = asyncio.get_running_loop().create_task(self._keep_gauges())
             if old is not None and old is not new and old.store is not new.store:
                 # Requests in flight hold their own reference; the old bundle's memory goes with the last one.
                 asyncio.get_running_loop().call_later(30.0, old.close)
@@ -171,6 +174,12 @@ class RecommenderService:
                 new.load_seconds,
             )
             return True
+
+    async def _keep_gauges(self) -> None:
+        every = gauge_refresh_s()
+        while True:
+            await asyncio.sleep(every)
+            self.metrics.refresh()
 
     def store_target(self) -> tuple[str, str] | None:
         """(store_schema, dsn_env) of the served release, else of the latest valid target; None before any."""
@@ -317,8 +326,9 @@ class RecommenderService:
             self._model_slots.release()
 
     def shutdown(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
+        for task in (self._retry, self._gauges):
+            if task is not None:
+                task.cancel()
         self._model_pool.shutdown(wait=False, cancel_futures=True)
         self._io_pool.shutdown(wait=False, cancel_futures=True)
         if self.intake is not None:
