@@ -472,7 +472,7 @@ def _child_load(spec: str) -> None:
     b = load_release(UserConfig.model_validate(cfg["uc"]), {"RECUPDATE_STORE_DSN": cfg["dsn"]})
     load_s = time.perf_counter() - t0
     rss1 = me.memory_info().rss
-    keys = b.table_index.keys  # type: ignore[attr-defined]
+    keys = b.table_index.packed  # type: ignore[attr-defined]
     c1, c2 = (keys >> 32).tolist(), (keys & 0xFFFFFFFF).tolist()
     gc.collect()
     rss2 = me.memory_info().rss

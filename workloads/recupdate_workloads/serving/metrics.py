@@ -52,12 +52,12 @@ class ServingMetrics:
         self._outcomes = metrics.Counter(
             OUTCOMES_METRIC,
             description="Recommendation contexts answered, by endpoint and outcome (table_hit, online, evidence, popular).",
-            tag_keys=("endpoint", "outcome"),
+            tag_keys=("endpoint", "outcome"),  # type: ignore[arg-type]  # Ray annotates tuple[str]
         )
         self._requests = metrics.Counter(
             REQUESTS_METRIC,
             description="HTTP requests to /recommend and /recommend/batch.",
-            tag_keys=("endpoint", "code"),
+            tag_keys=("endpoint", "code"),  # type: ignore[arg-type]
         )
         self._latency = metrics.Histogram(
             LATENCY_METRIC,
