@@ -413,17 +413,19 @@ def bench_serve(
     args: argparse.Namespace,
     options: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """``options``: a variant's application settings (access_log=0|1, max_ongoing_requests=N)."""
+    """``options``: a variant's application settings (access_log=0|1, max_ongoing_requests=N,
+    swap=auto|background|awaited)."""
     from recupdate_workloads.serving import deployment as sv
 
     opts = options or {}
+    swap = opts.get("swap", args.swap)
     app = sv.serve_application(
         demo.releases["rel-a"],
         replicas,
         num_cpus=args.replica_cpus,
         env_vars={"RECUPDATE_STORE_DSN": dsn},
         access_log=opts.get("access_log", "0" if args.no_access_log else "1") == "1",
-        background_swap="auto" if args.swap == "auto" else args.swap == "background",
+        background_swap="auto" if swap == "auto" else swap == "background",
         max_ongoing_requests=int(opts.get("max_ongoing_requests", args.max_ongoing_requests)),
     )
     config = sv.deploy_config([app], port=port)
