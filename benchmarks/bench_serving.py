@@ -1,15 +1,25 @@
-"""Serving benchmark: POST /recommend through Ray Serve's HTTP proxy against the same FastAPI app under plain
-uvicorn, with 1 and 2 replicas, and latency during in-place rollouts against steady state.
+"""Serving benchmark: the same FastAPI app through Ray Serve's HTTP proxy and under plain uvicorn (the
+baseline, measured in the same run): single-context POST /recommend, POST /recommend/batch (``--batch``
+contexts each), where a request's time goes, latency during in-place rollouts against steady state, and the
+load time and memory of a release's table at given sizes (``--table-pairs``).
 
 Load is closed-loop on loopback: ``--concurrency`` keep-alive connections, each sending its next request when
-the previous answer has arrived, ``--requests`` per run, after a warm-up. The client speaks HTTP/1.1 over raw
-asyncio streams (tens of microseconds per request, so the client, which shares the 2 cores, takes as little CPU
-from the servers as possible). Requests are table hits over random pairs, as most production traffic is.
-Figures are medians over ``--repeats`` runs. Every response is checked: status 200 and, during rollouts, that all
-its clusters come from the table of the release it names (the two demo tables answer from disjoint sets).
+the previous answer has arrived, ``--requests`` per run (a tenth as many batches), after a warm-up. The client
+speaks HTTP/1.1 over raw asyncio streams (tens of microseconds per request, so the client, which shares the 2
+cores, takes as little CPU from the servers as possible). Requests are table hits over random pairs, as most
+production traffic is. Figures are medians over ``--repeats`` runs. Every response is checked: status 200 and,
+during rollouts, that all its clusters come from the table of the release it names (the two demo tables answer
+from disjoint sets).
 
-    .venv/bin/python benchmarks/bench_serving.py                       # defaults: 173 clusters, 1 and 2 replicas
-    .venv/bin/python benchmarks/bench_serving.py --replicas 1 --repeats 5 --out out/bench_serving.json
+Each ``--variant NAME:KEY=VALUE,...`` runs on a fresh local Ray whose processes get the upper-case keys as
+environment (Serve's settings, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1); lower-case keys are application settings
+(access_log=0, max_ongoing_requests=N, swap=awaited). Where the time goes: the mean ms per request of Serve's own
+latency histograms (proxy, router, replica) and the app's (recupdate_serve_latency_ms), and CPU ms per request of
+each process (proxy, replica, controller, ...; "other" is everything else on the machine).
+
+    .venv/bin/python benchmarks/bench_serving.py                       # defaults: 173 clusters, 1 replica
+    .venv/bin/python benchmarks/bench_serving.py --variant default: --variant fast:RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+    .venv/bin/python benchmarks/bench_serving.py --skip-serve --skip-uvicorn --table-pairs 100000,1000000
 """
 
 from __future__ import annotations
