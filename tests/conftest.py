@@ -18,6 +18,7 @@ from k8s.fixtures import (  # noqa: F401  (pytest fixtures, used by name)
 pytest_plugins = [
     "fixtures.store",  # pg_dsn (one embedded PostgreSQL per session), store (a fresh schema)
     "fixtures.torch_threads",  # one_torch_thread
+    "fixtures.serving",  # demo (a small serving store per module), client (the app over it, no Ray)
 ]
 
 # One torch/OpenMP thread per process: tests share 2 cores with PostgreSQL and Ray, and oversubscribed

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 
+from fixtures.serving import StubModel, service_over
 from recupdate_workloads.contract.serve import (
     APP_NAME,
     DEPLOYMENT_NAME,
@@ -28,58 +26,12 @@ from recupdate_workloads.contract.serve import (
     user_config_of,
     with_user_config,
 )
-from recupdate_workloads.data.types import PairEvidence
 from recupdate_workloads.serving.app import make_api
-from recupdate_workloads.serving.demo_store import MISSING_PAIRS, DemoStore, build_demo_store
+from recupdate_workloads.serving.demo_store import MISSING_PAIRS
 from recupdate_workloads.serving.release import Loaded, last_two_distinct, load_release
 from recupdate_workloads.serving.service import RecommenderService
-from recupdate_workloads.store.db import Store, connect, migrate
 
 HITS = [(a, b) for a in range(8) for b in range(8) if a != b and (a, b) not in MISSING_PAIRS]
-
-
-@pytest.fixture(scope="module")
-def demo(pg_dsn: str) -> Iterator[tuple[Store, DemoStore]]:
-    schema = f"serving_app_{os.getpid()}"
-    conn = connect(pg_dsn)
-    conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    migrate(conn, schema)
-    store = Store(dsn=pg_dsn, schema=schema, conn=conn)
-    yield store, build_demo_store(store)
-    conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    store.close()
-
-
-class StubModel:
-    """Stands in for the adapter: ranks clusters by id, optionally slowly; records the evidence it was given."""
-
-    def __init__(self, delay_s: float = 0.0) -> None:
-        self.delay_s = delay_s
-        self.calls: list[tuple[int, int, PairEvidence | None]] = []
-
-    def __call__(self, b: Loaded, c1: int, c2: int, ev: PairEvidence | None) -> tuple[tuple[int, float], ...]:
-        self.calls.append((c1, c2, ev))
-        time.sleep(self.delay_s)
-        return tuple((c, -float(c)) for c in range(len(b.catalogue)) if c not in (c1, c2))
-
-
-def _service(dsn: str, model: StubModel | None = None, **kw: Any) -> RecommenderService:
-    env = {"RECUPDATE_STORE_DSN": dsn}
-
-    def loader(cfg: UserConfig) -> Loaded:
-        b = load_release(cfg, env)
-        return replace(b, model="stub") if model is not None else b
-
-    return RecommenderService(loader=loader, rank_fn=model or StubModel(), retry_delays_s=(), **kw)
-
-
-@pytest.fixture
-async def client(demo: tuple[Store, DemoStore], pg_dsn: str) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    svc = _service(pg_dsn)
-    assert await svc.reconfigure(demo[1].releases["rel-a"]), svc.last_error
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_api(svc)), base_url="http://t") as c:
-        yield c, svc
-    svc.shutdown()
 
 
 async def _rec(c: httpx.AsyncClient, recent: list, n: int = 3) -> dict:
@@ -188,7 +140,7 @@ async def test_invalid_requests_get_422_with_a_message(client: tuple, body: Any,
 
 async def test_miss_is_answered_by_the_model_with_fresh_evidence(demo: tuple, pg_dsn: str) -> None:
     model = StubModel()
-    svc = _service(pg_dsn, model)
+    svc = service_over(pg_dsn, model)
     assert await svc.reconfigure(demo[1].releases["rel-a"])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_api(svc)), base_url="http://t") as c:
         own, borrowed = MISSING_PAIRS
@@ -210,7 +162,7 @@ async def test_miss_is_answered_by_the_model_with_fresh_evidence(demo: tuple, pg
 
 async def test_miss_past_its_time_limit_is_answered_from_evidence(demo: tuple, pg_dsn: str) -> None:
     model = StubModel(delay_s=0.5)
-    svc = _service(pg_dsn, model)
+    svc = service_over(pg_dsn, model)
     assert await svc.reconfigure({**demo[1].releases["rel-a"], "online_timeout_ms": 50})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_api(svc)), base_url="http://t") as c:
         own = MISSING_PAIRS[0]
@@ -230,7 +182,7 @@ async def test_miss_past_its_time_limit_is_answered_from_evidence(demo: tuple, p
 
 
 async def test_miss_without_model_nor_evidence_is_popular(demo: tuple, pg_dsn: str) -> None:
-    svc = _service(pg_dsn)  # no model
+    svc = service_over(pg_dsn)  # no model
     assert await svc.reconfigure({**demo[1].releases["rel-b"], "evidence_timeout_ms": 0})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_api(svc)), base_url="http://t") as c:
         r = await _rec(c, list(MISSING_PAIRS[0]), n=4)
@@ -302,7 +254,7 @@ async def test_swaps_under_concurrent_requests_never_mix_releases(client: tuple,
     assert seen["rel-a"] > 0 and seen["rel-b"] > 0
 
 
-def _slow_service(dsn: str, delay_s: float) -> RecommenderService:
+def _slowservice_over(dsn: str, delay_s: float) -> RecommenderService:
     env = {"RECUPDATE_STORE_DSN": dsn}
 
     def loader(cfg: UserConfig) -> Loaded:
@@ -313,7 +265,7 @@ def _slow_service(dsn: str, delay_s: float) -> RecommenderService:
 
 
 async def test_background_swap_serves_the_old_release_until_the_new_one_is_loaded(demo: tuple, pg_dsn: str) -> None:
-    svc = _slow_service(pg_dsn, 0.5)
+    svc = _slowservice_over(pg_dsn, 0.5)
     rel = demo[1].releases
     assert await svc.reconfigure({**rel["rel-a"], "background_swap": True})  # nothing loaded yet: awaited
     assert svc.loaded is not None and svc.loaded.release_id == "rel-a"

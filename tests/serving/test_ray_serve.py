@@ -50,6 +50,7 @@ def served(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     store = Store(dsn=pg_dsn, schema=schema, conn=conn)
     demo = build_demo_store(store, model_dir=tmp_path_factory.mktemp("model"))
     ray_dir = tempfile.mkdtemp(prefix="rsv-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the exporter within 1 s
     started = sv.ensure_local_ray(num_cpus=2, temp_dir=ray_dir)
     port = free_port()
     app = sv.serve_application(
@@ -246,3 +247,69 @@ def test_broken_release_keeps_the_old_one_serving(served: Served) -> None:
         info = c.get("/release").json()
         assert info["release_id"] == "rel-a" and info["last_reconfigure_failed"] is False
     assert Path(served.demo.adapter_uri or "").exists()
+
+
+def test_batch_through_the_proxy(served: Served) -> None:
+    from recupdate_workloads.serving import deployment as sv
+
+    sv.roll(served.uc("rel-a"))
+    items = [{"recent_clusters": [a, b], "n": 3} for a, b in HITS[:20]] + [{"recent_clusters": [2]}]
+    with httpx.Client(base_url=served.url, timeout=30) as c:
+        r = c.post("/recommend/batch", json={"requests": items})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"] == [_post(c, it["recent_clusters"], it.get("n", 10)) for it in items]
+        over = c.post("/recommend/batch", json={"requests": items * 20})
+        assert over.status_code == 413 and "at most 256" in over.json()["message"]
+
+
+def _scrape(name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels``, from this node's Prometheus exporter."""
+    import urllib.request
+
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    total = 0.0
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(w in line for w in want):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_serving_metrics_reach_prometheus(served: Served) -> None:
+    """The serving metrics go through Ray's exporter, tagged with the deployment, and move with requests."""
+    from recupdate_workloads.serving import deployment as sv
+
+    sv.roll(served.uc("rel-a"))
+    hits = "ray_recupdate_serve_outcomes_total"
+    tags = {"deployment": "Recommender", "endpoint": "recommend", "outcome": "table_hit"}
+    before = _scrape(hits, **tags)
+    lat_before = _scrape("ray_recupdate_serve_latency_ms_count", endpoint="recommend")
+    batch_before = _scrape(hits, endpoint="batch", outcome="table_hit")
+    with httpx.Client(base_url=served.url, timeout=30) as c:
+        for a, b in HITS[:7]:
+            _post(c, [a, b])
+        assert c.post("/recommend/batch", json={"requests": [{"recent_clusters": [0, 1]}] * 5}).status_code == 200
+        assert c.post("/recommend", json={"recent_clusters": [0, 1], "n": 0}).status_code == 422
+    deadline = time.monotonic() + 60
+    while True:
+        moved = {
+            "hits": _scrape(hits, **tags) - before,
+            "batch": _scrape(hits, endpoint="batch", outcome="table_hit") - batch_before,
+            "latency": _scrape("ray_recupdate_serve_latency_ms_count", endpoint="recommend") - lat_before,
+            "422": _scrape("ray_recupdate_serve_requests_total", endpoint="recommend", code="422"),
+            "version": _scrape("ray_recupdate_serve_table_version", deployment="Recommender"),
+        }
+        if (moved["hits"], moved["batch"], moved["latency"]) == (7, 5, 8) and moved["422"] >= 1:
+            break
+        assert time.monotonic() < deadline, moved
+        time.sleep(0.5)
+    assert moved["version"] == served.demo.table_versions["rel-a"]
+    sv.roll(served.uc("rel-b"))
+    deadline = time.monotonic() + 60
+    while _scrape("ray_recupdate_serve_table_version", deployment="Recommender") != served.demo.table_versions["rel-b"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    sv.roll(served.uc("rel-a"))

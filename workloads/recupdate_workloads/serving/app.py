@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -54,7 +55,16 @@ from recupdate_workloads.serving.intake import (
     intake_enabled,
     intake_max_body_bytes,
 )
-from recupdate_workloads.serving.schema import RecommendRequest, RecommendResponse, UnknownClusters
+from recupdate_workloads.serving.metrics import ServingMetrics
+from recupdate_workloads.serving.schema import (
+    BATCH_TOO_LARGE,
+    RecommendBatchRequest,
+    RecommendBatchResponse,
+    RecommendRequest,
+    RecommendResponse,
+    UnknownClusters,
+    max_batch,
+)
 from recupdate_workloads.serving.service import RecommenderService
 
 log = logging.getLogger("recupdate.serving")
@@ -65,6 +75,10 @@ log = logging.getLogger("recupdate.serving")
 # MAX_BODY_BYTES refuses no valid request; the slowest body at the limit (all empty lists) parses in ~15 ms.
 MAX_BODY_BYTES = 256 * 1024
 MAX_BODY_BYTES_ENV = "RECUPDATE_SERVE_MAX_BODY_BYTES"
+# A batch's own body limit: 8 KiB per context at the default 256 (a page of typical contexts is ~60 bytes each).
+BATCH_PATH = "/recommend/batch"
+MAX_BATCH_BODY_BYTES = 2 * 1024 * 1024
+MAX_BATCH_BODY_BYTES_ENV = "RECUPDATE_SERVE_MAX_BATCH_BODY_BYTES"
 MAX_JSON_DEPTH = 200  # pydantic-core's JSON parser refuses deeper nesting (its fixed limit, give or take one)
 MAX_ECHOED_ERRORS = 10  # an error response lists at most this many errors (and says how many it left out)
 MAX_ERROR_BODY_BYTES = 16 * 1024  # and stops listing errors before it would grow past this
@@ -75,19 +89,58 @@ _LOC_ITEMS = 12
 _CTX_ITEMS = 6
 
 
-def max_body_bytes(environ: Mapping[str, str] | None = None) -> int:
-    """The request-size limit: ``$RECUPDATE_SERVE_MAX_BODY_BYTES`` (a positive integer) when set, else
-    MAX_BODY_BYTES. A bad value fails start-up with a clear error rather than serving unbounded."""
-    raw = (os.environ if environ is None else environ).get(MAX_BODY_BYTES_ENV, "").strip()
+def max_body_bytes(
+    environ: Mapping[str, str] | None = None, name: str = MAX_BODY_BYTES_ENV, default: int = MAX_BODY_BYTES
+) -> int:
+    """The request-size limit: ``$RECUPDATE_SERVE_MAX_BODY_BYTES`` (or ``name``; a positive integer) when set,
+    else MAX_BODY_BYTES (``default``). A bad value fails start-up with a clear error rather than serving
+    unbounded."""
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
     if not raw:
-        return MAX_BODY_BYTES
+        return default
     try:
         value = int(raw)
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"${MAX_BODY_BYTES_ENV} must be a positive integer (bytes), got {raw[:40]!r}")
+        raise ValueError(f"${name} must be a positive integer (bytes), got {raw[:40]!r}")
     return value
+
+
+_TIMED = {"/recommend": "recommend", BATCH_PATH: "batch"}
+
+
+class Timed:
+    """ASGI middleware: the latency and status code of every /recommend and /recommend/batch request, into the
+    serving metrics (the whole request in the app: reading the body, validation, the answer)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = None
+        if scope["type"] == "http":
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            endpoint = _TIMED.get(path)
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        code = 500
+
+        async def send_code(message: Message) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_code)
+        finally:
+            self.metrics.request(endpoint, code, (time.perf_counter() - t0) * 1000)
 
 
 def _error_body(message: str, errors: list[dict[str, Any]], extra: Mapping[str, Any] | None = None) -> bytes:
@@ -358,14 +411,16 @@ def _echoes(errors: Sequence[Mapping[str, Any]], reserved: int = 0) -> list[dict
 
 
 def _invalid(errors: Sequence[Mapping[str, Any]], hint: str = "", extra: Mapping[str, Any] | None = None) -> Response:
-    """The 422 answer: the first errors (_echoes); the message says how many were left out. Its cost does not
-    grow with the input: nothing is serialised whole and cut afterwards. ``extra``: further keys of the body."""
+    """The 422 answer (413 for a batch over its limit): the first errors (_echoes); the message says how many
+    were left out. Its cost does not grow with the input: nothing is serialised whole and cut afterwards.
+    ``extra``: further keys of the body."""
     total = len(errors)
     errs = _echoes(errors, len(hint.encode()))
     message = hint + _summary(errs)
     if total > len(errs):
         message += f" (and {total - len(errs)} more errors)"
-    return Response(_error_body(message, errs, extra), status_code=422, media_type="application/json")
+    code = 413 if any(e.get("type") == BATCH_TOO_LARGE for e in errs) else 422
+    return Response(_error_body(message, errs, extra), status_code=code, media_type="application/json")
 
 
 def make_api(
@@ -374,11 +429,14 @@ def make_api(
     *,
     body_limit: int | None = None,
     intake_body_limit: int | None = None,
+    batch_body_limit: int | None = None,
 ) -> FastAPI:
-    """The FastAPI app over a service: POST /recommend, GET /healthz, GET /release, and the event intake POST
-    /v1/interactions (``service.intake``; off with ``$RECUPDATE_INTAKE=off``). Request bodies larger than
-    ``body_limit`` bytes (default: max_body_bytes(), from the environment) are answered 413 unread; the intake
-    has its own limit, ``intake_body_limit`` (default: intake_max_body_bytes())."""
+    """The FastAPI app over a service: POST /recommend, POST /recommend/batch, GET /healthz, GET /release, and
+    the event intake POST /v1/interactions (``service.intake``; off with ``$RECUPDATE_INTAKE=off``). Request
+    bodies larger than ``body_limit`` bytes (default: max_body_bytes(), from the environment) are answered 413
+    unread; the batch and the intake have their own limits, ``batch_body_limit`` (default:
+    ``$RECUPDATE_SERVE_MAX_BATCH_BODY_BYTES`` or MAX_BATCH_BODY_BYTES) and ``intake_body_limit`` (default:
+    intake_max_body_bytes()). A batch carries at most max_batch() contexts (``$RECUPDATE_SERVE_MAX_BATCH``)."""
     api = FastAPI(
         title="recupdate recommender",
         description="Next novel interest clusters from the transition table of the active release.",
@@ -387,12 +445,16 @@ def make_api(
     )
     api.router.route_class = StrictJSONRoute
     with_intake = service.intake is not None and intake_enabled()
-    per_path = {INTAKE_PATH: intake_max_body_bytes() if intake_body_limit is None else intake_body_limit}
-    api.add_middleware(
-        BodyLimit,
-        max_bytes=max_body_bytes() if body_limit is None else body_limit,
-        per_path=per_path if with_intake else None,
-    )
+    max_batch()  # a bad $RECUPDATE_SERVE_MAX_BATCH fails here, at start-up
+    per_path = {
+        BATCH_PATH: max_body_bytes(name=MAX_BATCH_BODY_BYTES_ENV, default=MAX_BATCH_BODY_BYTES)
+        if batch_body_limit is None
+        else batch_body_limit
+    }
+    if with_intake:
+        per_path[INTAKE_PATH] = intake_max_body_bytes() if intake_body_limit is None else intake_body_limit
+    api.add_middleware(BodyLimit, max_bytes=max_body_bytes() if body_limit is None else body_limit, per_path=per_path)
+    api.add_middleware(Timed, metrics=service.metrics)  # added last: the outermost, so 413s are counted too
 
     @api.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -411,6 +473,19 @@ def make_api(
     )
     async def recommend(req: RecommendRequest) -> Response:
         return Response(content=await service.recommend(req), media_type="application/json")
+
+    @api.post(
+        BATCH_PATH,
+        response_model=RecommendBatchResponse,
+        responses={
+            413: {"description": "More contexts than the batch limit, or a body over its size limit."},
+            422: {"description": "Invalid items: the message names each one (requests.<index>.<field>)."},
+        },
+    )
+    async def recommend_batch(batch: RecommendBatchRequest) -> Response:
+        """Many contexts in one request, all answered from the same release; each result is what /recommend
+        answers for that context."""
+        return Response(content=await service.recommend_batch(batch.requests), media_type="application/json")
 
     @api.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
@@ -13,6 +15,26 @@ log = logging.getLogger("recupdate.serving")
 MAX_RECENT = 100
 MAX_N = 100
 _MAX_KEYS = 16  # keys a /recommend body may have before it gets one error for them all
+#: Contexts one POST /recommend/batch may carry (``$RECUPDATE_SERVE_MAX_BATCH`` changes it); more is a 413.
+MAX_BATCH = 256
+MAX_BATCH_ENV = "RECUPDATE_SERVE_MAX_BATCH"
+#: The error type of a batch over the limit: the app answers it with 413, not 422.
+BATCH_TOO_LARGE = "batch_too_large"
+
+
+def max_batch(environ: Mapping[str, str] | None = None) -> int:
+    """The batch limit: ``$RECUPDATE_SERVE_MAX_BATCH`` (a positive integer) when set, else MAX_BATCH. A bad
+    value is a clear error (the app checks it at start-up)."""
+    raw = (os.environ if environ is None else environ).get(MAX_BATCH_ENV, "").strip()
+    if not raw:
+        return MAX_BATCH
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"${MAX_BATCH_ENV} must be a positive integer (contexts), got {raw[:40]!r}")
+    return value
 
 
 def _cluster_ref(v: Any) -> int | str:
@@ -60,6 +82,40 @@ class RecommendRequest(BaseModel):
         return data
 
 
+class RecommendBatchRequest(BaseModel):
+    """What /recommend/batch takes: many contexts, each exactly what /recommend takes."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    requests: list[RecommendRequest] = Field(
+        min_length=1,
+        description=(
+            f"The contexts, each a /recommend body. At most {MAX_BATCH} (``${MAX_BATCH_ENV}``); more is "
+            "answered 413 before any item is read."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if len(data) > _MAX_KEYS:
+                raise PydanticCustomError(
+                    "too_many_keys",
+                    "the body has {count} keys; /recommend/batch takes only requests",
+                    {"count": len(data)},
+                )
+            items = data.get("requests")
+            limit = max_batch()
+            if isinstance(items, list) and len(items) > limit:
+                raise PydanticCustomError(
+                    BATCH_TOO_LARGE,
+                    "the batch has {count} requests; at most {max_items} per batch",
+                    {"count": len(items), "max_items": limit},
+                )
+        return data
+
+
 Source = Literal["model", "evidence", "popular"]
 
 
@@ -73,6 +129,11 @@ class RecommendedCluster(BaseModel):
 class RecommendResponse(BaseModel):
     clusters: list[RecommendedCluster]
     release: str = Field(description="The release that produced every entry of this response.")
+
+
+class RecommendBatchResponse(BaseModel):
+    results: list[RecommendResponse] = Field(description="One answer per context, in order; each as /recommend's.")
+    release: str = Field(description="The release that produced every result of the batch.")
 
 
 class UnknownClusters(ValueError):

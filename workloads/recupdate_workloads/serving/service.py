@@ -22,8 +22,9 @@ from recupdate_workloads.contract.redact import redact, redact_logs
 from recupdate_workloads.contract.serve import UserConfig
 from recupdate_workloads.data.types import PairEvidence
 from recupdate_workloads.serving.intake import Intake
+from recupdate_workloads.serving.metrics import ServingMetrics, gauge_refresh_s
 from recupdate_workloads.serving.release import Loaded, _bounded_put, last_two_distinct, load_release, rank_online
-from recupdate_workloads.serving.schema import RecommendRequest
+from recupdate_workloads.serving.schema import RecommendRequest, UnknownClusters
 
 log = logging.getLogger("recupdate.serving")
 redact_logs(log)  # a load error may quote the DSN (libpq does), and tracebacks repeat it
@@ -59,8 +60,10 @@ class RecommenderService:
         max_pending_model_calls: int = 4,
         retry_delays_s: Sequence[float] = (2.0, 5.0, 15.0, 30.0, 60.0),
         environ: Mapping[str, str] | None = None,
+        metrics: ServingMetrics | None = None,
     ) -> None:
         self.loaded: Loaded | None = None
+        self.metrics = metrics or ServingMetrics()
         self.loader: Loader = loader or (lambda cfg: load_release(cfg))
         self.rank_fn = rank_fn
         self.last_error: str | None = None
@@ -73,6 +76,7 @@ class RecommenderService:
         self._model_slots = threading.BoundedSemaphore(max(1, max_pending_model_calls))
         self._retry_delays = tuple(retry_delays_s)
         self._retry: asyncio.Task | None = None
+        self._gauges: asyncio.Task | None = None
         self._generation = 0
         self.loading: str | None = None
         self._replica = os.environ.get("RAY_SERVE_REPLICA_ID") or f"pid-{os.getpid()}"
@@ -156,6 +160,9 @@ class RecommenderService:
                 return False
             self.loaded = new  # the swap: one reference assignment
             self.last_error = None
+            self.metrics.served(new.config.table_version, new.load_seconds)
+            if self._gauges is None:
+                self._gauges = asyncio.get_running_loop().create_task(self._keep_gauges())
             if old is not None and old is not new and old.store is not new.store:
                 # Requests in flight hold their own reference; the old bundle's memory goes with the last one.
                 asyncio.get_running_loop().call_later(30.0, old.close)
@@ -167,6 +174,12 @@ class RecommenderService:
                 new.load_seconds,
             )
             return True
+
+    async def _keep_gauges(self) -> None:
+        every = gauge_refresh_s()
+        while True:
+            await asyncio.sleep(every)
+            self.metrics.refresh()
 
     def store_target(self) -> tuple[str, str] | None:
         """(store_schema, dsn_env) of the served release, else of the latest valid target; None before any."""
@@ -196,31 +209,78 @@ class RecommenderService:
             ),
             "reconfigures": self.reconfigures,
             "replica": self._replica,
+            "served": self.metrics.snapshot(),
         }
         return info
 
     # -- requests --
 
-    async def recommend(self, req: RecommendRequest) -> bytes:
-        b = self.loaded  # read once: everything below uses this bundle only
+    def _bundle(self) -> Loaded:
+        b = self.loaded
         if b is None:
             raise HTTPException(503, detail=f"no release loaded yet ({self.last_error or 'loading'})")
-        ids = b.resolve(req.recent_clusters)
-        ctx = last_two_distinct(ids)
-        n = req.n
-        if len(ctx) < 2:
-            entries = b.fill_popular([], set(ctx), n)
-            return b.body(entries)
-        c1, c2 = ctx
-        row = b.table_index.get((c1, c2))
-        if row is not None:
-            entries, used = b.table_entries(row, n)
-            used.update(ctx)
-        else:
-            entries, used = await self._miss(b, c1, c2, n)
-        return b.body(b.fill_popular(entries, used, n))
+        return b
 
-    async def _miss(self, b: Loaded, c1: int, c2: int, n: int) -> tuple[list[str], set[int]]:
+    async def recommend(self, req: RecommendRequest) -> bytes:
+        """One context's answer, as /recommend's body."""
+        b = self._bundle()  # read once: everything below uses this bundle only
+        ctx = last_two_distinct(b.resolve(req.recent_clusters))
+        quick = self._quick(b, ctx, req.n)
+        body, outcome = quick if quick is not None else await self._slow(b, ctx, req.n)
+        self.metrics.outcomes("recommend", {outcome: 1})
+        return body
+
+    async def recommend_batch(self, reqs: list[RecommendRequest]) -> bytes:
+        """Many contexts from one bundle: ``{"results": [...], "release": ...}``, each result the body
+        /recommend answers for that context. Every item is resolved first, so one bad item fails the batch
+        with errors naming each bad item; misses are answered concurrently."""
+        b = self._bundle()
+        ctxs: list[list[int]] = []
+        errors: list[dict[str, Any]] = []
+        for i, req in enumerate(reqs):
+            try:
+                ctxs.append(last_two_distinct(b.resolve(req.recent_clusters, ("body", "requests", i))))
+            except UnknownClusters as exc:
+                errors.extend(exc.errors)
+        if errors:
+            raise UnknownClusters(errors)
+        bodies: list[bytes | None] = []
+        counts = dict.fromkeys(("table_hit", "online", "evidence", "popular"), 0)
+        misses: list[int] = []
+        for i, (req, ctx) in enumerate(zip(reqs, ctxs, strict=True)):
+            quick = self._quick(b, ctx, req.n)
+            if quick is None:
+                misses.append(i)
+                bodies.append(None)
+            else:
+                bodies.append(quick[0])
+                counts[quick[1]] += 1
+        if misses:
+            for i, (body, outcome) in zip(
+                misses, await asyncio.gather(*(self._slow(b, ctxs[i], reqs[i].n) for i in misses)), strict=True
+            ):
+                bodies[i] = body
+                counts[outcome] += 1
+        self.metrics.outcomes("batch", counts)
+        return b'{"results":[' + b",".join(x for x in bodies if x is not None) + b'],"release":' + b.release_json + b"}"
+
+    @staticmethod
+    def _quick(b: Loaded, ctx: list[int], n: int) -> tuple[bytes, str] | None:
+        """The answer without waiting (a table hit, or popularity for a short context); None for a miss."""
+        if len(ctx) < 2:
+            return b.body(b.fill_popular([], set(ctx), n)), "popular"
+        row = b.table_index.get((ctx[0], ctx[1]))
+        if row is None:
+            return None
+        entries, used = b.table_entries(row, n)
+        used.update(ctx)
+        return b.body(b.fill_popular(entries, used, n)), "table_hit"
+
+    async def _slow(self, b: Loaded, ctx: list[int], n: int) -> tuple[bytes, str]:
+        entries, used, outcome = await self._miss(b, ctx[0], ctx[1], n)
+        return b.body(b.fill_popular(entries, used, n)), outcome
+
+    async def _miss(self, b: Loaded, c1: int, c2: int, n: int) -> tuple[list[str], set[int], str]:
         loop = asyncio.get_running_loop()
         key = (c1, c2)
         ev: PairEvidence | None = None
@@ -247,10 +307,13 @@ class RecommenderService:
             else:
                 log.debug("model busy; answering %s from evidence", key)
         if ranked:
-            return b.ranked_entries(ranked, "model", n, {c1, c2})
+            return (*b.ranked_entries(ranked, "model", n, {c1, c2}), "online")
         if ev is not None and ev.successors:
-            return b.ranked_entries([(s.cluster, s.share) for s in ev.successors], "evidence", n, {c1, c2})
-        return [], {c1, c2}
+            return (
+                *b.ranked_entries([(s.cluster, s.share) for s in ev.successors], "evidence", n, {c1, c2}),
+                "evidence",
+            )
+        return [], {c1, c2}, "popular"
 
     def _rank_and_cache(
         self, b: Loaded, c1: int, c2: int, ev: PairEvidence | None
@@ -263,8 +326,9 @@ class RecommenderService:
             self._model_slots.release()
 
     def shutdown(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
+        for task in (self._retry, self._gauges):
+            if task is not None:
+                task.cancel()
         self._model_pool.shutdown(wait=False, cancel_futures=True)
         self._io_pool.shutdown(wait=False, cancel_futures=True)
         if self.intake is not None:
