@@ -92,7 +92,8 @@ async def test_cost_and_change_reach_status_events_and_metrics_once(make_world: 
         assert f"refresh candidate {REFRESH_1} against {FIRST}" in change["message"]
         assert "top-1 changed for 12.5% of 400 pairs, top-5 overlap 0.81" in change["message"]
         labels = {"namespace": NS, "policy": POLICY, "kind": "refresh"}
-        assert metrics.value("recupdate_candidate_top1_changed_ratio", labels) == 0.125
+        # set just after the status write of the same reconcile
+        await w.wait(lambda: metrics.value("recupdate_candidate_top1_changed_ratio", labels) == 0.125)
         assert metrics.value("recupdate_candidate_top5_overlap_ratio", labels) == 0.8125
 
         # many reconciles later (resyncs every 10 minutes), each run is still counted once
