@@ -199,6 +199,14 @@ def set_change(namespace: str, policy: str, change: Any) -> None:
     CANDIDATE_TOP5_OVERLAP.labels(namespace, policy, change.kind.value).set(change.top5_overlap)
 
 
+def set_drift(namespace: str, policy: str, value: float | None) -> None:
+    """recupdate_drift from the newest refresh's drift measure (status.drift.value); None removes the series."""
+    if value is None:
+        _remove(DRIFT, namespace, policy)
+    else:
+        DRIFT.labels(namespace, policy).set(value)
+
+
 def forget_policy(namespace: str, policy: str) -> None:
     """Drop the per-policy series of a policy that was deleted."""
     set_active_release(namespace, policy, None)

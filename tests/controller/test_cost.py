@@ -158,3 +158,11 @@ def _table(text: str) -> dict[str, str]:
     starts = [head.index(n.strip()) for n in names]
     ends = [*starts[1:], None]
     return {n.strip(): row[a:b].strip() for n, a, b in zip(names, starts, ends, strict=True)}
+
+
+def test_drift_gauge_is_set_and_removed() -> None:
+    labels = {"namespace": "ns-drift", "policy": "p"}
+    metrics.set_drift("ns-drift", "p", 0.37)
+    assert metrics.value("recupdate_drift", labels) == 0.37
+    metrics.set_drift("ns-drift", "p", None)
+    assert metrics.value("recupdate_drift", labels) is None
