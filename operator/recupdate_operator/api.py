@@ -801,6 +801,16 @@ class RunResult(StrEnum):
     FAILED = "Failed"
 
 
+class RunCost(StatusModel):
+    """What a run cost, as it recorded in the registry (runs.cost)."""
+
+    cpu_seconds: float = Field(default=0.0, ge=0.0, description="CPU seconds of the job and its Ray workers.")
+    gpu_seconds: float = Field(default=0.0, ge=0.0, description="GPU seconds (training workers x GPUs each).")
+    training_tokens: int = Field(default=0, ge=0, description="Tokens the fine-tune trained on (0 for a refresh).")
+    wall_seconds: float = Field(default=0.0, ge=0.0, description="Wall seconds of the run.")
+    rows_ingested: int = Field(default=0, ge=0, description="Interactions its sync step added to the store.")
+
+
 class RunRef(StatusModel):
     run_id: str = Field(..., description="Run id; also the name of its RayJob.")
     kind: RunKind = Field(..., description="finetune or refresh.")
@@ -816,6 +826,7 @@ class RunRef(StatusModel):
     result: RunResult = Field(default=RunResult.RUNNING, description="Running, Succeeded or Failed.")
     reason: str = Field(default="", description="Why it ended so (e.g. JobFailed, JobDeleted, Replaced).")
     message: str = Field(default="", description="Details, e.g. the job's error.")
+    cost: RunCost | None = Field(default=None, description="What the run cost, once it ended (from the registry).")
 
 
 class FailureCounts(StatusModel):
@@ -835,6 +846,19 @@ class SyncStatus(StatusModel):
     seconds: float = Field(default=0.0, ge=0.0, description="Wall seconds of the sync.")
 
 
+class ChangeStatus(StatusModel):
+    """A candidate's change against the table that was active when it was built (its job measured it)."""
+
+    release_id: str = Field(..., description="The candidate release.")
+    kind: RunKind | None = Field(default=None, description="The kind of run that built it (finetune or refresh).")
+    against: str = Field(default="", description="The release that was active, whose table it is compared with.")
+    pairs: int = Field(default=0, ge=0, description="Context pairs both tables hold (the figures are over these).")
+    top1_changed: float = Field(default=0.0, ge=0.0, le=1.0, description="Share of those pairs whose top-1 changed.")
+    top5_overlap: float = Field(default=1.0, ge=0.0, le=1.0, description="Mean overlap of their top-5 lists.")
+    new_pairs: int = Field(default=0, ge=0, description="Pairs only the candidate's table holds.")
+    dropped_pairs: int = Field(default=0, ge=0, description="Pairs only the active table held.")
+
+
 class PolicyStatus(StatusModel):
     observed_generation: int | None = Field(default=None, description="The spec generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Fresh, FineTuning, ...")
@@ -851,6 +875,9 @@ class PolicyStatus(StatusModel):
     last_refresh: RunRef | None = Field(default=None, description="The latest finished or running refresh.")
     last_sync: SyncStatus | None = Field(
         default=None, description="The data sync of the newest run that recorded one (rows, bad rows per reason)."
+    )
+    last_change: ChangeStatus | None = Field(
+        default=None, description="The change of the newest candidate that measured one, against the active table."
     )
     active_runs: list[RunRef] = Field(default_factory=list, description="Runs in flight.")
     failures: FailureCounts = Field(default_factory=FailureCounts, description="Consecutive failures per kind.")

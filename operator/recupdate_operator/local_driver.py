@@ -31,10 +31,10 @@ import yaml
 from recupdate_workloads.contract.env import DSN_ENV, SYNC_ENV
 from recupdate_workloads.contract.redact import redact, redact_data, redact_logs
 
-from .api import PolicyError, PolicySpec, PolicyStatus, parse_duration, validate_policy_object
+from .api import PolicyError, PolicySpec, PolicyStatus, RunKind, RunResult, parse_duration, validate_policy_object
 from .apply import apply_plan
 from .backends.base import BackendError, PolicyRef
-from .planner import Event, Plan, Policy, RollServe, plan
+from .planner import Event, Plan, Policy, Promote, RecordRun, Rollback, RollServe, plan
 from .registry import Registry, StoreError, StoreSettings
 
 #: Consecutive store or backend errors that `recupdate local` retries (with backoff) before it gives up.
@@ -147,6 +147,10 @@ class LocalRun:
         self.stop = False
         self.timeline: list[dict[str, Any]] = []
         self._last_line = ""
+        # when fine-tunes ended and releases were promoted (this process's), for the plot
+        self.finetunes: list[datetime] = []
+        self.promotions: list[datetime] = []
+        self.static_release: str | None = None
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -304,6 +308,7 @@ class LocalRun:
                 failures = 0
                 if static is None and p.status.active_release:
                     static = self._static_table(p.status.active_release)  # the first release, never updated
+                    self.static_release = p.status.active_release
                 status = p.status_patch()
                 self._write_status(status, now)
                 self._status_line(p, now, probe)
@@ -341,6 +346,10 @@ class LocalRun:
     def _action(self, action: Any) -> None:
         if isinstance(action, RollServe):
             log.info("%s serving %s", self.now.isoformat(), action.release_id)
+        elif isinstance(action, Promote | Rollback):
+            self.promotions.append(self.now)
+        elif isinstance(action, RecordRun) and action.kind == RunKind.FINETUNE and action.result == RunResult.SUCCEEDED:
+            self.finetunes.append(self.now)
 
     def _write_status(self, status: dict[str, Any], now: datetime) -> None:
         tmp = self.status_file.with_suffix(".tmp")
@@ -399,28 +408,48 @@ class LocalRun:
         print(f"{'all':>6} {tot_s:8.3f} {tot_t:8.3f} {probe.requests:>7}")
         print(f"\nrequests to /recommend: {probe.requests}, failed: {probe.failures}; took {seconds / 60:.1f} min")
         if rows:
-            print(f"plot: {self._plot(rows)}")
+            print()
+            print(self._cost_quality(tot_s - tot_t if probe.static_hits else None))
+            print(f"plot: {self._plot(rows, probe.period)} (fine-tunes and promotions marked)")
         (self.workdir / "timeline.json").write_text(json.dumps(redact_data(self.timeline), indent=2))
 
-    def _plot(self, rows: list[tuple[int, float, float, int]]) -> Path:
-        import matplotlib
+    def _cost_quality(self, delta_hr5: float | None) -> str:
+        """ΔHR@5 of the served releases over the first one, per CPU-hour of the runs after it (runs.cost)."""
+        from recupdate_workloads.replay.report import CostQuality, format_cost_quality
+        from recupdate_workloads.store import registry as reg
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        runs = [r for r in reg.list_runs(self.store) if r.kind in (RunKind.FINETUNE.value, RunKind.REFRESH.value)]
+        first = reg.get_release(self.store, self.static_release) if self.static_release else None
+        first_run = first.run_id if first is not None else None
+        cpu = {r.run_id: float((r.cost or {}).get("cpuSeconds") or 0.0) for r in runs}
+        static_cpu = cpu.get(first_run or "", 0.0)
+        total = sum(cpu.values())
+        rows = [
+            CostQuality("static", None, None, static_cpu, 0.0, int(first_run is not None), int(first is not None)),
+            CostQuality(
+                "served",
+                delta_hr5,
+                None,
+                total,
+                total - static_cpu,
+                finetunes=len(self.finetunes),
+                promotions=len(self.promotions),
+            ),
+        ]
+        return format_cost_quality(rows)
 
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label="served (refreshed + fine-tuned)")
-        ax.plot([r[0] for r in rows], [r[2] for r in rows], marker="s", label="first release, never updated")
-        ax.set_xlabel(f"period ({self.args.report_period})")
-        ax.set_ylabel("HR@5 of the next novel cluster")
-        ax.set_title(f"recupdate local: policy {self.name}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = self.workdir / "served-hr5.png"
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+    def _plot(self, rows: list[tuple[int, float, float, int]], period: int) -> Path:
+        from recupdate_workloads.replay.report import Marks, plot_over_time
+
+        t0 = int(self.data.log.ts.min())
+        mids = [datetime.fromtimestamp(t0 + (r[0] + 0.5) * period, UTC) for r in rows]
+        series = [
+            ("served (refreshed + fine-tuned)", mids, [r[1] for r in rows]),
+            ("static: the first release, never updated", mids, [r[2] for r in rows]),
+        ]
+        marks = {"served": Marks(list(self.finetunes), list(self.promotions))}
+        title = f"recupdate local: policy {self.name} (HR@5 per {self.args.report_period})"
+        return plot_over_time(self.workdir / "served-hr5.png", title, series, marks)
 
 
 def configure(p: argparse.ArgumentParser) -> None:

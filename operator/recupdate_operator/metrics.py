@@ -77,6 +77,67 @@ INGEST_SKIPPED = Counter(
 )
 POLICIES = Gauge("recupdate_policies", "Policies the operator currently tracks.", registry=REGISTRY)
 
+# What runs cost, from the registry (runs.cost), per policy and kind; each run is counted once (count_run_cost).
+_COST_LABELS = ["namespace", "policy", "kind"]
+RUN_CPU_SECONDS = Counter(
+    "recupdate_run_cpu_seconds_total",
+    "CPU seconds of the runs that ended (the job and its Ray workers), per policy and kind.",
+    _COST_LABELS,
+    registry=REGISTRY,
+)
+RUN_GPU_SECONDS = Counter(
+    "recupdate_run_gpu_seconds_total",
+    "GPU seconds of the runs that ended (training workers x GPUs each), per policy and kind.",
+    _COST_LABELS,
+    registry=REGISTRY,
+)
+RUN_TRAINING_TOKENS = Counter(
+    "recupdate_run_training_tokens_total",
+    "Tokens the fine-tunes that ended trained on, per policy and kind.",
+    _COST_LABELS,
+    registry=REGISTRY,
+)
+RUN_WALL_SECONDS = Counter(
+    "recupdate_run_wall_seconds_total",
+    "Wall seconds of the runs that ended, as they recorded them, per policy and kind.",
+    _COST_LABELS,
+    registry=REGISTRY,
+)
+RUN_ROWS_INGESTED = Counter(
+    "recupdate_run_rows_ingested_total",
+    "Interactions the sync steps of the runs that ended added to the store, per policy and kind.",
+    _COST_LABELS,
+    registry=REGISTRY,
+)
+# The newest candidate's change against the active table (status.lastChange), per policy and kind.
+CANDIDATE_TOP1_CHANGED = Gauge(
+    "recupdate_candidate_top1_changed_ratio",
+    "Share of context pairs whose top-1 changed in the newest candidate of this kind, against the active table.",
+    _COST_LABELS,
+    registry=REGISTRY,
+)
+CANDIDATE_TOP5_OVERLAP = Gauge(
+    "recupdate_candidate_top5_overlap_ratio",
+    "Mean overlap of the top-5 lists of the newest candidate of this kind with the active table's.",
+    _COST_LABELS,
+    registry=REGISTRY,
+)
+DRIFT = Gauge(
+    "recupdate_drift",
+    "Drift of the top-5 successor sets measured by the newest refresh (status.drift), per policy.",
+    ["namespace", "policy"],
+    registry=REGISTRY,
+)
+ANALYSIS_VERDICTS = Counter(
+    "recupdate_analysis_verdicts_total",
+    "Analyses of candidates on live events that ended, by verdict (e.g. Promoted, Aborted).",
+    ["verdict"],
+    registry=REGISTRY,
+)
+
+_COUNTED_PER_POLICY = 1000  # run ids remembered per policy, to count each run's cost once
+_counted: dict[tuple[str, str], dict[str, None]] = {}
+
 _active: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
 
@@ -110,10 +171,52 @@ def count_sync(namespace: str, policy: str, sync: Any) -> None:
         INGEST_SKIPPED.labels(namespace, policy, reason).inc(n)
 
 
+def count_run_cost(namespace: str, policy: str, kind: str, run_id: str, cost: Any) -> bool:
+    """Count one run's cost (an api.RunCost) into the cost counters, once per run id: a run seen again (a
+    reconcile retried after its status write failed, a second operator replica's plan) is not counted again.
+    Returns whether it was counted."""
+    with _lock:
+        seen = _counted.setdefault((namespace, policy), {})
+        if run_id in seen:
+            return False
+        seen[run_id] = None
+        while len(seen) > _COUNTED_PER_POLICY:
+            del seen[next(iter(seen))]  # the oldest: a run that ended long ago does not end again
+    labels = (namespace, policy, kind)
+    RUN_CPU_SECONDS.labels(*labels).inc(cost.cpu_seconds)
+    RUN_GPU_SECONDS.labels(*labels).inc(cost.gpu_seconds)
+    RUN_TRAINING_TOKENS.labels(*labels).inc(cost.training_tokens)
+    RUN_WALL_SECONDS.labels(*labels).inc(cost.wall_seconds)
+    RUN_ROWS_INGESTED.labels(*labels).inc(cost.rows_ingested)
+    return True
+
+
+def set_change(namespace: str, policy: str, change: Any) -> None:
+    """The change gauges from status.lastChange (an api.ChangeStatus, or None: leave them as they are)."""
+    if change is None or change.kind is None:
+        return
+    CANDIDATE_TOP1_CHANGED.labels(namespace, policy, change.kind.value).set(change.top1_changed)
+    CANDIDATE_TOP5_OVERLAP.labels(namespace, policy, change.kind.value).set(change.top5_overlap)
+
+
+def set_drift(namespace: str, policy: str, value: float | None) -> None:
+    """recupdate_drift from the newest refresh's drift measure (status.drift.value); None removes the series."""
+    if value is None:
+        _remove(DRIFT, namespace, policy)
+    else:
+        DRIFT.labels(namespace, policy).set(value)
+
+
 def forget_policy(namespace: str, policy: str) -> None:
     """Drop the per-policy series of a policy that was deleted."""
     set_active_release(namespace, policy, None)
     _remove(STALENESS, namespace, policy)
+    _remove(DRIFT, namespace, policy)
+    for kind in ("finetune", "refresh"):
+        _remove(CANDIDATE_TOP1_CHANGED, namespace, policy, kind)
+        _remove(CANDIDATE_TOP5_OVERLAP, namespace, policy, kind)
+    with _lock:
+        _counted.pop((namespace, policy), None)
 
 
 def _remove(metric: Any, *labels: str) -> None:

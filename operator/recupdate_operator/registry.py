@@ -352,7 +352,7 @@ class Registry:
         run_q = sql.SQL(
             "SELECT r.run_id, r.kind, r.status, r.error,"
             " (SELECT l.release_id FROM {rel} l WHERE l.run_id = r.run_id ORDER BY l.created_at DESC LIMIT 1),"
-            " r.cost -> 'sync'"
+            " r.cost"
             " FROM {runs} r ORDER BY r.started_at DESC, r.run_id LIMIT %s"
         ).format(rel=self._t(s, "releases"), runs=self._t(s, "runs"))
         with self._conn(policy) as conn, conn.transaction():
@@ -380,8 +380,19 @@ class Registry:
                 kind = RunKind(r[1])
             except ValueError:
                 continue  # e.g. 'bootstrap' rows of local mode
-            sync = _json(r[5]) if r[5] is not None else None
-            runs.append(RunView(run_id=r[0], kind=kind, status=r[2], error=r[3], release_id=r[4], sync=sync or None))
+            cost = _json(r[5]) if r[5] is not None else {}
+            sync = _json(cost.get("sync"))
+            runs.append(
+                RunView(
+                    run_id=r[0],
+                    kind=kind,
+                    status=r[2],
+                    error=r[3],
+                    release_id=r[4],
+                    sync=sync or None,
+                    cost=cost or None,
+                )
+            )
         return RegistryView(runs=tuple(reversed(runs)), releases=tuple(releases))
 
     # -- writes --------------------------------------------------------------------------------------------

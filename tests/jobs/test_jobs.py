@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from recupdate_workloads.data.synthetic import DAY, SyntheticSpec, SyntheticStream
 from recupdate_workloads.jobs import run as jobs
+from recupdate_workloads.jobs.change import table_change
 from recupdate_workloads.jobs.config import RunConfig
 from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store import registry as reg
@@ -71,6 +72,13 @@ def test_finetune_registers_a_gated_candidate_and_refresh_follows(loaded: Store,
     assert ref.adapter_uri == rel.adapter_uri and ref.table_version > rel.table_version  # type: ignore[operator]
     assert ref.snapshot_id != rel.snapshot_id and ref.metrics["refreshOf"] == rel.release_id
     assert "regression" in ref.gates  # paired against the active release
+    # the change against the active table, stored with the release; the first release had nothing to compare
+    assert "change" not in rel.metrics
+    change = ref.metrics["change"]
+    ids = {k: [c for c, _, _ in v] for k, v in tables.load_table(loaded, ref.table_version).as_dict().items()}  # type: ignore[arg-type]
+    old = {k: [c for c, _, _ in v] for k, v in table.items()}
+    assert change == table_change(ids, old).as_dict() | {"against": rel.release_id}
+    assert change["pairs"] > 0 and 0.0 <= change["top1Changed"] <= 1.0 and 0.0 <= change["top5Overlap"] <= 1.0
     assert reg.active_release(loaded).release_id == rel.release_id  # type: ignore[union-attr]  # jobs never activate
 
 

@@ -116,6 +116,20 @@ def test_accelerated_run_schedules_promotes_rejects_serves_and_resumes(tmp_path:
     assert active != ft[1][0]  # serving stayed on a good release
     status = json.loads((tmp_path / "w" / "lm.status.json").read_text())
     assert status["status"]["activeRelease"] == active
+    # each run's cost from the registry, and the newest candidate's change against the active table
+    ft_cost = status["status"]["lastFineTune"]["cost"]
+    assert ft_cost["cpuSeconds"] > 0 and ft_cost["trainingTokens"] > 0 and ft_cost["wallSeconds"] > 0
+    assert status["status"]["lastRefresh"]["cost"]["cpuSeconds"] > 0
+    change = status["status"]["lastChange"]
+    assert change["pairs"] > 0 and 0 <= change["top1Changed"] <= 1 and change["against"] in releases
+    timeline = json.loads((tmp_path / "w" / "timeline.json").read_text())
+    assert any(e["event"] == "CandidateChange" for e in timeline)
+    assert any(e["event"] == "RunSucceeded" and "CPU s" in e["message"] for e in timeline)
+    # the cost-quality line beside the plot, which marks the fine-tunes and promotions
+    table = first.stdout.split("cost-quality:")[1]
+    assert re.search(r"\nserved\s+[+-]\d\.\d{4}\s+\d+\.\d\s+\+\d+\.\d ", table), table
+    assert "fine-tunes and promotions marked" in first.stdout
+    assert (tmp_path / "w" / "served-hr5.png").read_bytes()[:4] == b"\x89PNG"
     # a restart resumes from the store and the status file: nothing already run runs again
     before = {r[0] for r in runs}
     second = _local(tmp_path, "20d")

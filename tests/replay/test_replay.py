@@ -80,6 +80,7 @@ def test_replay_cli_writes_table_json_and_plot(tmp_path: Path, capsys) -> None: 
     assert rc == 0
     printed = capsys.readouterr().out
     assert "static" in printed and "counts" in printed and "hr5.png" in printed
+    assert "ΔHR@5 per CPU-hour" in printed.split("results:")[1]  # the cost-quality table, beside the plot
     data = json.loads((out / "results.json").read_text())
     assert [s["name"] for s in data["strategies"]] == ["static", "counts", "popular"]
     assert (out / "hr5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

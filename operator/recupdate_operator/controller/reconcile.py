@@ -328,10 +328,13 @@ class Controller:
             self._ensure_serving(ref, p, view, service, entry)
         self.status.write(key, entry, body, p.status_patch())
         # Counted once the status holds the decisions (a retry would decide them again).
-        for kind, result, duration in finished:
-            metrics.RUNS.labels(kind, result).inc()
+        for record, duration in finished:
+            kind = record.kind.value
+            metrics.RUNS.labels(kind, record.result.value).inc()
             if duration is not None:
                 metrics.RUN_DURATION.labels(kind).observe(duration)
+            if record.cost is not None:
+                metrics.count_run_cost(key[0], key[1], kind, record.run_id, record.cost)
         for launch in p.of(LaunchRun):
             metrics.RUNS_LAUNCHED.labels(launch.kind.value).inc()
         sync = p.status.last_sync
@@ -339,6 +342,7 @@ class Controller:
             metrics.count_sync(key[0], key[1], sync)  # once per run: the status remembers the last one counted
         metrics.set_active_release(key[0], key[1], p.status.active_release)
         metrics.set_staleness(key[0], key[1], p.status.active_release_evidence_at, now)
+        metrics.set_change(key[0], key[1], p.status.last_change)
         with entry.lock:
             entry.failures, entry.last_error = 0, None
         return self._delay(p, now, entry)
@@ -376,11 +380,11 @@ class Controller:
 
     def _apply(
         self, key: Key, entry: _Entry, ref: PolicyRef | None, body: Mapping[str, Any], p: Plan, now: datetime
-    ) -> list[tuple[str, str, float | None]]:
+    ) -> list[tuple[RecordRun, float | None]]:
         """Apply the plan's actions in order; the first failure raises and stops the rest."""
         backend, registry = self.backend, self.registry
         assert backend is not None and registry is not None
-        finished: list[tuple[str, str, float | None]] = []
+        finished: list[tuple[RecordRun, float | None]] = []
 
         def on_event(event: Event) -> None:
             post(body, event)
@@ -389,7 +393,7 @@ class Controller:
 
         def on_action(action: Any) -> None:  # after each action succeeded: metrics and bookkeeping
             if isinstance(action, RecordRun):
-                finished.append((action.kind.value, action.result.value, self._duration(p, action.run_id)))
+                finished.append((action, self._duration(p, action.run_id)))
             elif isinstance(action, Promote):
                 metrics.PROMOTIONS.labels(action.reason).inc()
             elif isinstance(action, Rollback):

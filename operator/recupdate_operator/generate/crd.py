@@ -203,6 +203,20 @@ def build_crd() -> dict[str, Any]:
         {"name": "Candidate", "type": "string", "jsonPath": ".status.candidateRelease", "priority": 1},
         {"name": "Next Fine-Tune", "type": "date", "jsonPath": ".status.nextFineTuneAt", "priority": 1},
         {"name": "Next Refresh", "type": "date", "jsonPath": ".status.nextRefreshAt", "priority": 1},
+        {
+            "name": "Change",
+            "type": "number",
+            "jsonPath": ".status.lastChange.top1Changed",
+            "priority": 1,
+            "description": "Share of context pairs whose top-1 changed in the newest candidate, against the active table.",
+        },
+        {
+            "name": "Drift",
+            "type": "number",
+            "jsonPath": ".status.drift.value",
+            "priority": 1,
+            "description": "Drift of the top-5 successor sets the newest refresh measured.",
+        },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from ..api import (
     PolicyStatus,
+    RunCost,
     RunKind,
     RunResult,
 )
@@ -47,6 +48,7 @@ class RecordRun:
     result: RunResult
     reason: str
     message: str = ""
+    cost: RunCost | None = None  # what the run recorded it cost (for the metrics; nothing to write)
 
 
 @dataclass(frozen=True)

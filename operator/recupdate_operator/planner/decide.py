@@ -27,12 +27,14 @@ from .. import schedule
 from ..api import (
     ANNOTATION_APPROVE,
     ANNOTATION_ROLLBACK,
+    ChangeStatus,
     ConcurrencyPolicy,
     ConditionStatus,
     ConditionType,
     PolicySpec,
     PolicyStatus,
     Promotion,
+    RunCost,
     RunKind,
     RunRef,
     RunResult,
@@ -155,6 +157,7 @@ class _Planner:
         self.spec = spec
         self._track_runs()
         self._last_sync()
+        self._last_change()
         active = self._decide_releases()
         for kind in (RunKind.FINETUNE, RunKind.REFRESH):
             self._schedule(kind, active)
@@ -179,6 +182,57 @@ class _Planner:
                     seconds=float(sync.get("seconds") or 0.0),
                 )
                 return
+
+    def _last_change(self) -> None:
+        """status.lastChange: the newest release whose job measured its change against the active table
+        (releases.metrics.change, jobs/change.py); an Event when it is a new one."""
+        for rel in reversed(self.registry.releases):
+            change = rel.metrics.get("change")
+            if not isinstance(change, Mapping) or "top1Changed" not in change:
+                continue
+            if self.s.last_change is not None and self.s.last_change.release_id == rel.release_id:
+                return
+            run = self.registry.run(rel.run_id) if rel.run_id else None
+            try:
+                last = ChangeStatus(
+                    release_id=rel.release_id,
+                    kind=run.kind if run is not None else None,
+                    against=str(change.get("against") or ""),
+                    pairs=int(change.get("pairs") or 0),
+                    top1_changed=float(change["top1Changed"]),
+                    top5_overlap=float(change.get("top5Overlap", 1.0)),
+                    new_pairs=int(change.get("newPairs") or 0),
+                    dropped_pairs=int(change.get("droppedPairs") or 0),
+                )
+            except (ValidationError, TypeError, ValueError):
+                continue  # a malformed record is not shown
+            self.s.last_change = last
+            kind = f"{last.kind.value} " if last.kind else ""
+            self.event(
+                "Normal",
+                "CandidateChange",
+                f"{kind}candidate {last.release_id} against {last.against or 'the active release'}: top-1 changed "
+                f"for {last.top1_changed:.1%} of {last.pairs} pairs, top-5 overlap {last.top5_overlap:.2f}",
+            )
+            return
+
+    def _cost(self, run_id: str) -> RunCost | None:
+        """A run's cost from its registry row (runs.cost), None when it recorded none."""
+        row = None if self.registry.error else self.registry.run(run_id)
+        cost = row.cost if row is not None else None
+        if not isinstance(cost, Mapping) or not cost:
+            return None
+        sync = cost.get("sync")
+        try:
+            return RunCost(
+                cpu_seconds=max(0.0, float(cost.get("cpuSeconds") or 0.0)),
+                gpu_seconds=max(0.0, float(cost.get("gpuSeconds") or 0.0)),
+                training_tokens=max(0, int(cost.get("tokens") or 0)),
+                wall_seconds=max(0.0, float(cost.get("wallSeconds") or 0.0)),
+                rows_ingested=max(0, int(sync.get("new") or 0)) if isinstance(sync, Mapping) else 0,
+            )
+        except (TypeError, ValueError):
+            return None
 
     def _validate_spec(self) -> PolicySpec | None:
         raw = self.policy.spec
@@ -283,14 +337,19 @@ class _Planner:
 
     def _finish(self, ref: RunRef, result: RunResult, reason: str, message: str, end: datetime) -> None:
         kind = ref.kind
-        done = ref.model_copy(update={"result": result, "reason": reason, "message": message, "finished_at": end})
+        cost = self._cost(ref.run_id)
+        done = ref.model_copy(
+            update={"result": result, "reason": reason, "message": message, "finished_at": end, "cost": cost}
+        )
         last = self.last(kind)
         if last is None or last.run_id == ref.run_id or _after(ref.started_at, last.started_at):
             self.set_last(kind, done)
-        self.actions.append(RecordRun(ref.run_id, kind, result, reason, message))
+        self.actions.append(RecordRun(ref.run_id, kind, result, reason, message, cost))
         note = ""
         if ref.generation is not None and ref.generation != self.policy.generation:
             note = f" (launched for spec generation {ref.generation}, now {self.policy.generation})"
+        if cost is not None:
+            note += f"; cost {_cost_text(cost)}"
         if result == RunResult.SUCCEEDED:
             self.set_failures(kind, 0)
             self.event("Normal", "RunSucceeded", f"{kind.value} {ref.run_id} succeeded{note}")
@@ -757,3 +816,11 @@ def _short(exc: Exception) -> str:
             parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
         return "; ".join(parts)
     return str(exc)[:500]
+
+
+def _cost_text(cost: RunCost) -> str:
+    """A run's cost in one phrase, for its Event."""
+    return (
+        f"{cost.cpu_seconds:.1f} CPU s, {cost.gpu_seconds:.1f} GPU s, {cost.training_tokens} training tokens, "
+        f"{cost.wall_seconds:.1f} wall s, {cost.rows_ingested} rows ingested"
+    )

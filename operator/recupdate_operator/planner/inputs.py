@@ -79,6 +79,7 @@ class RunView:
     error: str | None = None
     release_id: str | None = None  # the candidate this run registered, when the store links them
     sync: Mapping[str, Any] | None = None  # the run's data sync (runs.cost.sync), when it recorded one
+    cost: Mapping[str, Any] | None = None  # the run's whole runs.cost (cpuSeconds, gpuSeconds, tokens, ...)
 
 
 @dataclass(frozen=True)

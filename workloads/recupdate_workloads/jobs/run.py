@@ -28,9 +28,10 @@ from recupdate_workloads.data.errors import DataError
 from recupdate_workloads.data.sequences import triples as to_triples
 from recupdate_workloads.data.types import Catalogue, Triples
 from recupdate_workloads.jobs import counting
+from recupdate_workloads.jobs.change import table_change
 from recupdate_workloads.jobs.config import RunConfig
 from recupdate_workloads.jobs.gates import GateThresholds, gates, hits, lookup_predictions
-from recupdate_workloads.jobs.materialize import materialize, publish
+from recupdate_workloads.jobs.materialize import Materialized, materialize, publish
 from recupdate_workloads.model.predictor import Predictor, local_path
 from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store import evidence as ev
@@ -166,6 +167,9 @@ def _candidate(
     evidence = ev.load_evidence(store, snap.snapshot_id)
     m = materialize(predictor, evidence, TABLE_TOP_N)
     version = publish(store, m, snap.snapshot_id, adapter_uri)
+    change = _change(store, cfg, m)
+    if change is not None:
+        metrics["change"] = change
     metrics |= {
         "pairs": len(m.c1),
         "materializePairsPerSecond": round(m.pairs_per_second, 1),
@@ -188,6 +192,17 @@ def _candidate(
     )
     reg.register_release(store, rel)
     return rel
+
+
+def _change(store: Store, cfg: RunConfig, m: Materialized) -> dict[str, Any] | None:
+    """The candidate table's change against the active release's (jobs/change.py), None when nothing is
+    active yet (the first release)."""
+    active = reg.get_release(store, cfg.active_release) if cfg.active_release else reg.active_release(store)
+    if active is None or active.table_version is None:
+        return None
+    served = tables.load_table(store, active.table_version).as_dict()
+    figures = table_change(m.as_table(), {k: [c for c, _, _ in v] for k, v in served.items()})
+    return figures.as_dict() | {"against": active.release_id}
 
 
 class _Run:

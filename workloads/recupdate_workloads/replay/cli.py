@@ -92,10 +92,14 @@ def run(args: argparse.Namespace) -> int:
             store.close()
             if store.server is not None:
                 store.server.cleanup()
+    from recupdate_workloads.replay import report
+
     out = Path(args.out)
     print(rp.format_table(result))
     print(f"results: {rp.write_json(result, out / 'results.json')}")
-    print(f"plot:    {rp.plot(result, out / 'hr5.png')}")
+    print()
+    print(report.format_cost_quality(report.replay_cost_quality(result)))
+    print(f"plot:    {report.plot_replay(result, out / 'hr5.png')} (fine-tunes and promotions marked)")
     return 0
 
 

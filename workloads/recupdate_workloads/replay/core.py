@@ -110,6 +110,7 @@ class PopularStrategy:
 
     def update(self, ctx: UpdateContext) -> None:
         self.popular = popularity(ctx.history.window(ctx.boundary - ctx.config.window, None), len(ctx.catalogue))
+        ctx.extra_cost["refreshes"] = 1.0
 
     def predict(self, c1: np.ndarray, c2: np.ndarray, n: int) -> np.ndarray:
         return EvidenceTable({}, self.popular).predict(c1, c2, n)
@@ -132,6 +133,7 @@ class CountsStrategy:
         start = ctx.boundary - (ctx.config.window if self.refresh else ctx.config.period * ctx.config.train_periods)
         evidence = ctx.evidence(start, ctx.boundary)
         self.table = EvidenceTable(evidence, popularity(ctx.history.window(start, None), len(ctx.catalogue)))
+        ctx.extra_cost["refreshes"] = 1.0
 
     def predict(self, c1: np.ndarray, c2: np.ndarray, n: int) -> np.ndarray:
         assert self.table is not None, "update() first"
@@ -174,6 +176,8 @@ class StrategyResult:
     diff_hr1_vs_static: float | None = None
     ci95_hr1_vs_static: tuple[float, float] | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    # what each period's update did (its extra_cost: finetunes, refreshes, ...), for replay/report.py's marks
+    per_period_updates: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -233,6 +237,7 @@ def replay(
     recommended: dict[str, set[int]] = {s.name: set() for s in strategies}
     cost = {s.name: [0.0, 0.0] for s in strategies}
     extra: dict[str, dict[str, float]] = {s.name: {} for s in strategies}
+    updates: dict[str, list[dict[str, float]]] = {s.name: [] for s in strategies}
     shared: dict[str, float] = {}
     eval_users, periods = [], []
     bar = tqdm(total=len(boundaries) * len(strategies), desc="replay", unit="update", disable=not progress)
@@ -253,6 +258,7 @@ def replay(
                 shared[k] = shared.get(k, 0.0) + v
             for k, v in ctx.extra_cost.items():
                 extra[s.name][k] = extra[s.name].get(k, 0.0) + v
+            updates[s.name].append(dict(ctx.extra_cost))
             pred = s.predict(test.c1, test.c2, TOP_N) if len(test) else np.zeros((0, TOP_N), np.int32)
             hit_rank = pred == test.c_next[:, None]
             hits1[s.name].append(hit_rank[:, 0])
@@ -280,6 +286,7 @@ def replay(
             cpu_seconds=cost[s.name][0] + extra[s.name].get("cpu_seconds", 0.0),
             wall_seconds=cost[s.name][1],
             extra=extra[s.name],
+            per_period_updates=updates[s.name],
         )
         if "static" in hits5 and s.name != "static" and len(h5):
             base5, base1 = np.concatenate(hits5["static"]), np.concatenate(hits1["static"])
