@@ -162,6 +162,16 @@ def _rules(spec: dict[str, Any]) -> None:
             "fieldPath": ".maxStaleness",
         },
     ]
+    on_drift = spec["properties"]["fineTune"]["properties"]["onDrift"]
+    lo, hi = "self.minInterval", "self.maxInterval"
+    both = f"has({lo}) && has({hi}) && {_valid_duration(lo)} && {_valid_duration(hi)}"
+    on_drift["x-kubernetes-validations"] = [
+        {
+            "rule": f"!({both}) || {_duration_seconds(hi)} >= {_duration_seconds(lo)}",
+            "message": "onDrift.maxInterval must be at least minInterval",
+            "fieldPath": ".maxInterval",
+        }
+    ]
     # Changing the schema would silently abandon every release and snapshot in the old one.
     spec["properties"]["store"]["properties"]["schema"]["x-kubernetes-validations"] = [
         {"rule": "self == oldSelf", "message": "store.schema is immutable; create a new policy instead"}
