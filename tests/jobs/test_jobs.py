@@ -71,6 +71,18 @@ def test_finetune_registers_a_gated_candidate_and_refresh_follows(loaded: Store,
     assert ref.adapter_uri == rel.adapter_uri and ref.table_version > rel.table_version  # type: ignore[operator]
     assert ref.snapshot_id != rel.snapshot_id and ref.metrics["refreshOf"] == rel.release_id
     assert "regression" in ref.gates  # paired against the active release
+    # the fine-tune records what trained its adapter; the refresh measures drift against it (SPEC drifts)
+    assert rel.metrics["adapter"] == {
+        "run": "p-ft-1",
+        "scheduledAt": cfg.window_end,
+        "trainStart": cfg.window_start,
+        "trainEnd": cfg.holdout_start,
+    }
+    drift = ref.metrics["drift"]
+    assert ref.metrics["adapter"] == rel.metrics["adapter"] and drift["adapterRun"] == "p-ft-1"
+    assert drift["measuredAt"] == rcfg.window_end and drift["contexts"] > 10
+    assert drift["excess"] == pytest.approx(drift["floorJaccard"] - drift["jaccard"], abs=2e-4)
+    assert drift["excess"] > 0.0, drift
     assert reg.active_release(loaded).release_id == rel.release_id  # type: ignore[union-attr]  # jobs never activate
 
 
