@@ -75,6 +75,16 @@ INGEST_SKIPPED = Counter(
     ["namespace", "policy", "reason"],
     registry=REGISTRY,
 )
+DRIFT = Gauge(
+    "recupdate_drift",
+    "The drift the newest refresh measured against the active adapter's training window, per policy, by "
+    "measure: jaccard (mean Jaccard of the top-5 successor sets), floor_jaccard (the same with the windows "
+    "shuffled: the noise floor), excess (floor_jaccard - jaccard, what fineTune.onDrift compares) and "
+    "contexts (with enough support in both windows).",
+    ["namespace", "policy", "measure"],
+    registry=REGISTRY,
+)
+_DRIFT_MEASURES = ("jaccard", "floor_jaccard", "excess", "contexts")
 POLICIES = Gauge("recupdate_policies", "Policies the operator currently tracks.", registry=REGISTRY)
 
 _active: dict[tuple[str, str], str] = {}
@@ -110,10 +120,21 @@ def count_sync(namespace: str, policy: str, sync: Any) -> None:
         INGEST_SKIPPED.labels(namespace, policy, reason).inc(n)
 
 
+def set_drift(namespace: str, policy: str, drift: Any) -> None:
+    """The drift gauges from status.lastDrift (a DriftStatus, or None); a measure not taken has no series."""
+    for measure in _DRIFT_MEASURES:
+        value = getattr(drift, measure, None) if drift is not None else None
+        if value is None:
+            _remove(DRIFT, namespace, policy, measure)
+        else:
+            DRIFT.labels(namespace, policy, measure).set(float(value))
+
+
 def forget_policy(namespace: str, policy: str) -> None:
     """Drop the per-policy series of a policy that was deleted."""
     set_active_release(namespace, policy, None)
     _remove(STALENESS, namespace, policy)
+    set_drift(namespace, policy, None)
 
 
 def _remove(metric: Any, *labels: str) -> None:

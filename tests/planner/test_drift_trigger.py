@@ -199,12 +199,8 @@ CASES = [
         "Forbid: drift waits while a fine-tune runs",
         {"onDrift": RULE},
         (ACTIVE, measured(0.5)),
-        status=status(
-            active_runs=[RunRef(run_id="demo-ft-202503050300", kind=FT, scheduled_at=FIRE, started_at=FIRE)]
-        ),
-        jobs=[
-            ObservedJob("demo-ft-202503050300", FT, "demo-ft-202503050300", 1, "Running", "RUNNING", NOW, None)
-        ],
+        status=status(active_runs=[RunRef(run_id="demo-ft-202503050300", kind=FT, scheduled_at=FIRE, started_at=FIRE)]),
+        jobs=[ObservedJob("demo-ft-202503050300", FT, "demo-ft-202503050300", 1, "Running", "RUNNING", NOW, None)],
         expect={"fine_tune_scheduled_at": FIRE},
     ),
     Case(

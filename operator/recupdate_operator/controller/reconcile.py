@@ -339,6 +339,7 @@ class Controller:
             metrics.count_sync(key[0], key[1], sync)  # once per run: the status remembers the last one counted
         metrics.set_active_release(key[0], key[1], p.status.active_release)
         metrics.set_staleness(key[0], key[1], p.status.active_release_evidence_at, now)
+        metrics.set_drift(key[0], key[1], p.status.last_drift)
         with entry.lock:
             entry.failures, entry.last_error = 0, None
         return self._delay(p, now, entry)

@@ -212,6 +212,8 @@ def build_crd() -> dict[str, Any]:
         {"name": "Last Refresh", "type": "date", "jsonPath": ".status.lastRefresh.finishedAt"},
         {"name": "Candidate", "type": "string", "jsonPath": ".status.candidateRelease", "priority": 1},
         {"name": "Next Fine-Tune", "type": "date", "jsonPath": ".status.nextFineTuneAt", "priority": 1},
+        # Drift beyond the noise floor that the newest refresh measured (fineTune.onDrift compares it).
+        {"name": "Drift", "type": "number", "jsonPath": ".status.lastDrift.excess", "priority": 1},
         {"name": "Next Refresh", "type": "date", "jsonPath": ".status.nextRefreshAt", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]

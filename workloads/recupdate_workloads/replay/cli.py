@@ -115,6 +115,8 @@ def _synthetic(args: argparse.Namespace) -> SyntheticSpec:
     spec = SyntheticSpec(n_interactions=args.interactions, seed=args.seed)
     if args.synthetic_drift is not None:
         spec = dataclasses.replace(spec, drift=args.synthetic_drift)
+    if args.synthetic_clusters is not None:
+        spec = dataclasses.replace(spec, n_clusters=args.synthetic_clusters)
     return spec
 
 

@@ -82,6 +82,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help="synthetic: fraction of contexts whose successors change each period (default 0.35)",
     )
+    p.add_argument("--synthetic-clusters", type=int, default=None, help="synthetic: number of clusters (default 30)")
 
 
 def rule_of(args: argparse.Namespace, period: int) -> DriftRule:
