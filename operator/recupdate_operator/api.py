@@ -365,8 +365,42 @@ class WorkerResources(CamelModel):
     memory_per_worker: Quantity = Field(default="4Gi", description="Memory per worker, a Kubernetes quantity.")
 
 
+class OnDriftSpec(CamelModel):
+    """Fine-tunes triggered by measured drift (docs/spec.md, fineTune.onDrift)."""
+
+    threshold: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Launch a fine-tune when the drift beyond the noise floor, measured by the latest refresh "
+        "against the window the active adapter was trained on, reaches this: the shuffled-window minus the "
+        "observed mean Jaccard of the top-5 successor sets (0: no more change than sampling noise).",
+    )
+    min_interval: Duration = Field(
+        default="7d",
+        description="At least this long between a fine-tune's scheduled time and a drift-triggered one: the "
+        "cost bound. Drift measured sooner waits for it.",
+    )
+    max_interval: Duration | None = Field(
+        default=None,
+        description="At most this long between fine-tunes: one is launched at the last one's scheduled time "
+        "plus this, whatever the drift. Absent: no cap.",
+    )
+
+    @model_validator(mode="after")
+    def _check_intervals(self) -> OnDriftSpec:
+        # Same rule as the CEL rule in the CRD.
+        if self.max_interval is not None and parse_duration(self.max_interval) < parse_duration(self.min_interval):
+            raise ValueError("onDrift.maxInterval must be at least minInterval")
+        return self
+
+
 class FineTuneSpec(CamelModel):
-    schedule: Cron = Field(default="0 3 1 * *", description="Cron schedule of LoRA fine-tunes (five fields or @macro).")
+    schedule: Cron | None = Field(
+        default="0 3 1 * *",
+        description="Cron schedule of LoRA fine-tunes (five fields or @macro). null: no schedule, fine-tunes "
+        "only when onDrift asks for one (and the initial one).",
+    )
     time_zone: TimeZone = Field(default="UTC", description="IANA time zone the schedule is read in.")
     initial_run: bool = Field(
         default=True,
@@ -399,6 +433,11 @@ class FineTuneSpec(CamelModel):
         ge=1,
         le=MAX_DURATION_SECONDS,
         description="Wall-clock limit of one fine-tune job, after which it is stopped and fails.",
+    )
+    on_drift: OnDriftSpec | None = Field(
+        default=None,
+        description="Also fine-tune when a refresh measures drift beyond the threshold, at most every "
+        "minInterval and at least every maxInterval. Absent: the schedule alone decides.",
     )
 
 
@@ -859,6 +898,23 @@ class ChangeStatus(StatusModel):
     dropped_pairs: int = Field(default=0, ge=0, description="Pairs only the active table held.")
 
 
+class DriftStatus(StatusModel):
+    """The drift the newest refresh measured: its evidence window against the active adapter's training
+    window (docs/spec.md, fineTune.onDrift)."""
+
+    release_id: str = Field(..., description="The release (refresh candidate) whose run measured it.")
+    measured_at: datetime | None = Field(default=None, description="The end of the evidence window measured.")
+    adapter_run: str | None = Field(default=None, description="The fine-tune whose training window it is against.")
+    jaccard: float | None = Field(default=None, description="Mean Jaccard of the top-5 successor sets.")
+    floor_jaccard: float | None = Field(
+        default=None, description="The same with the windows' labels shuffled within each context (noise floor)."
+    )
+    excess: float | None = Field(
+        default=None, description="Drift beyond the noise floor: floorJaccard - jaccard (what onDrift compares)."
+    )
+    contexts: int = Field(default=0, ge=0, description="Contexts with enough support in both windows.")
+
+
 class PolicyStatus(StatusModel):
     observed_generation: int | None = Field(default=None, description="The spec generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Fresh, FineTuning, ...")
@@ -878,6 +934,12 @@ class PolicyStatus(StatusModel):
     )
     last_change: ChangeStatus | None = Field(
         default=None, description="The change of the newest candidate that measured one, against the active table."
+    )
+    last_drift: DriftStatus | None = Field(
+        default=None, description="The drift the newest refresh measured against the active adapter."
+    )
+    next_fine_tune_reason: str | None = Field(
+        default=None, description="Why the next fine-tune is due: schedule, drift or maxInterval."
     )
     active_runs: list[RunRef] = Field(default_factory=list, description="Runs in flight.")
     failures: FailureCounts = Field(default_factory=FailureCounts, description="Consecutive failures per kind.")

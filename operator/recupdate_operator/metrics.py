@@ -75,6 +75,16 @@ INGEST_SKIPPED = Counter(
     ["namespace", "policy", "reason"],
     registry=REGISTRY,
 )
+DRIFT = Gauge(
+    "recupdate_drift",
+    "The drift the newest refresh measured against the active adapter's training window, per policy, by "
+    "measure: jaccard (mean Jaccard of the top-5 successor sets), floor_jaccard (the same with the windows "
+    "shuffled: the noise floor), excess (floor_jaccard - jaccard, what fineTune.onDrift compares) and "
+    "contexts (with enough support in both windows).",
+    ["namespace", "policy", "measure"],
+    registry=REGISTRY,
+)
+_DRIFT_MEASURES = ("jaccard", "floor_jaccard", "excess", "contexts")
 POLICIES = Gauge("recupdate_policies", "Policies the operator currently tracks.", registry=REGISTRY)
 
 # What runs cost, from the registry (runs.cost), per policy and kind; each run is counted once (count_run_cost).
@@ -120,12 +130,6 @@ CANDIDATE_TOP5_OVERLAP = Gauge(
     "recupdate_candidate_top5_overlap_ratio",
     "Mean overlap of the top-5 lists of the newest candidate of this kind with the active table's.",
     _COST_LABELS,
-    registry=REGISTRY,
-)
-DRIFT = Gauge(
-    "recupdate_drift",
-    "Drift of the top-5 successor sets measured by the newest refresh (status.drift), per policy.",
-    ["namespace", "policy"],
     registry=REGISTRY,
 )
 ANALYSIS_VERDICTS = Counter(
@@ -199,19 +203,21 @@ def set_change(namespace: str, policy: str, change: Any) -> None:
     CANDIDATE_TOP5_OVERLAP.labels(namespace, policy, change.kind.value).set(change.top5_overlap)
 
 
-def set_drift(namespace: str, policy: str, value: float | None) -> None:
-    """recupdate_drift from the newest refresh's drift measure (status.drift.value); None removes the series."""
-    if value is None:
-        _remove(DRIFT, namespace, policy)
-    else:
-        DRIFT.labels(namespace, policy).set(value)
+def set_drift(namespace: str, policy: str, drift: Any) -> None:
+    """The drift gauges from status.lastDrift (a DriftStatus, or None); a measure not taken has no series."""
+    for measure in _DRIFT_MEASURES:
+        value = getattr(drift, measure, None) if drift is not None else None
+        if value is None:
+            _remove(DRIFT, namespace, policy, measure)
+        else:
+            DRIFT.labels(namespace, policy, measure).set(float(value))
 
 
 def forget_policy(namespace: str, policy: str) -> None:
     """Drop the per-policy series of a policy that was deleted."""
     set_active_release(namespace, policy, None)
     _remove(STALENESS, namespace, policy)
-    _remove(DRIFT, namespace, policy)
+    set_drift(namespace, policy, None)
     for kind in ("finetune", "refresh"):
         _remove(CANDIDATE_TOP1_CHANGED, namespace, policy, kind)
         _remove(CANDIDATE_TOP5_OVERLAP, namespace, policy, kind)

@@ -121,6 +121,12 @@ def test_names_columns_and_subresources() -> None:
     assert columns["Last Fine-Tune"]["type"] == "date"
     assert columns["Last Refresh"]["jsonPath"] == ".status.lastRefresh.finishedAt"
     assert columns["Age"]["jsonPath"] == ".metadata.creationTimestamp"
+    assert columns["Drift"] == {
+        "name": "Drift",
+        "type": "number",
+        "jsonPath": ".status.lastDrift.excess",
+        "priority": 1,
+    }
     conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
 
@@ -160,6 +166,35 @@ def test_cel_rules_agree_with_pydantic(retrieval: dict[str, str], expected: list
         program = env.program(env.compile(rule["rule"]), functions={"substring": substring})
         results.append(bool(program.evaluate(celpy.json_to_cel({"self": retrieval}))))
     assert results == expected
+
+
+ON_DRIFT_CASES = [
+    ({"minInterval": "1d", "maxInterval": "30d"}, True),
+    ({"minInterval": "7d", "maxInterval": "1w"}, True),
+    ({"minInterval": "2w", "maxInterval": "13d"}, False),
+    ({"minInterval": "90m", "maxInterval": "1h"}, False),
+    ({"minInterval": "1d"}, True),
+]
+
+
+@pytest.mark.parametrize(("on_drift", "valid"), ON_DRIFT_CASES)
+def test_on_drift_cel_rule_agrees_with_pydantic(on_drift: dict[str, str], valid: bool) -> None:
+    try:
+        api.OnDriftSpec.model_validate(on_drift)
+        assert valid
+    except ValueError:
+        assert not valid
+    celpy = pytest.importorskip("celpy")
+    from celpy import celtypes
+
+    def substring(s: Any, start: Any, end: Any = None) -> Any:
+        return celtypes.StringType(s[int(start) :] if end is None else s[int(start) : int(end)])
+
+    node = _schema()["properties"]["spec"]["properties"]["fineTune"]["properties"]["onDrift"]
+    (rule,) = node["x-kubernetes-validations"]
+    env = celpy.Environment()
+    program = env.program(env.compile(rule["rule"]), functions={"substring": substring})
+    assert bool(program.evaluate(celpy.json_to_cel({"self": on_drift}))) == valid
 
 
 def test_cli_write_and_check(tmp_path: Path) -> None:

@@ -79,6 +79,18 @@ def test_finetune_registers_a_gated_candidate_and_refresh_follows(loaded: Store,
     old = {k: [c for c, _, _ in v] for k, v in table.items()}
     assert change == table_change(ids, old).as_dict() | {"against": rel.release_id}
     assert change["pairs"] > 0 and 0.0 <= change["top1Changed"] <= 1.0 and 0.0 <= change["top5Overlap"] <= 1.0
+    # the fine-tune records what trained its adapter; the refresh measures drift against it (SPEC drifts)
+    assert rel.metrics["adapter"] == {
+        "run": "p-ft-1",
+        "scheduledAt": cfg.window_end,
+        "trainStart": cfg.window_start,
+        "trainEnd": cfg.holdout_start,
+    }
+    drift = ref.metrics["drift"]
+    assert ref.metrics["adapter"] == rel.metrics["adapter"] and drift["adapterRun"] == "p-ft-1"
+    assert drift["measuredAt"] == rcfg.window_end and drift["contexts"] > 10
+    assert drift["excess"] == pytest.approx(drift["floorJaccard"] - drift["jaccard"], abs=2e-4)
+    assert drift["excess"] > 0.0, drift
     assert reg.active_release(loaded).release_id == rel.release_id  # type: ignore[union-attr]  # jobs never activate
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -32,9 +33,9 @@ spec:
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def _local(tmp_path: Path, span: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def _local(tmp_path: Path, span: str, *extra: str, policy_text: str = POLICY) -> subprocess.CompletedProcess[str]:
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
+    policy.write_text(policy_text)
     cmd = [
         sys.executable,
         "-m",
@@ -139,3 +140,28 @@ def test_accelerated_run_schedules_promotes_rejects_serves_and_resumes(tmp_path:
     launched = sorted(p.stem for p in (tmp_path / "w" / "jobs").glob("*.json"))
     assert len(launched) == len(after)  # one launch per run, across both sessions
     assert min(_when(r[0]) for r in after if r[0] not in before) > max(_when(r) for r in before)
+
+
+# No cron: after the initial fine-tune, only measured drift launches one (the synthetic stream drifts every
+# 90 days), and never within minInterval of the last.
+DRIFT_POLICY = POLICY.replace(
+    'schedule: "0 3 15 * *"', "schedule: null\n    onDrift: {threshold: 0.02, minInterval: 20d}"
+)
+
+
+@pytest.mark.usefixtures("stops_store")
+def test_fine_tunes_on_measured_drift_without_a_schedule(tmp_path: Path) -> None:
+    out = _local(tmp_path, "60d", policy_text=DRIFT_POLICY)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = _runs(tmp_path)
+    ft = sorted(_when(r[0]) for r in runs if r[1] == "finetune")
+    rf = [r for r in runs if r[1] == "refresh"]
+    assert len(ft) >= 2 and rf, runs
+    assert all(b - a >= timedelta(days=20) for a, b in itertools.pairwise(ft))  # minInterval
+    # a drift fine-tune is named after the refresh that measured the drift: on the refresh grid
+    assert all(t.timestamp() % (10 * 86_400) == 0 for t in ft[1:])
+    status = json.loads((tmp_path / "w" / "lm.status.json").read_text())["status"]
+    drift = status["lastDrift"]
+    assert drift["contexts"] > 0 and drift["excess"] is not None and drift["adapterRun"], drift
+    timeline = (tmp_path / "w" / "timeline.json").read_text()
+    assert "drift beyond noise" in timeline, timeline[-2000:]

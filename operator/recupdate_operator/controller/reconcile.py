@@ -343,6 +343,7 @@ class Controller:
         metrics.set_active_release(key[0], key[1], p.status.active_release)
         metrics.set_staleness(key[0], key[1], p.status.active_release_evidence_at, now)
         metrics.set_change(key[0], key[1], p.status.last_change)
+        metrics.set_drift(key[0], key[1], p.status.last_drift)
         with entry.lock:
             entry.failures, entry.last_error = 0, None
         return self._delay(p, now, entry)

@@ -162,6 +162,16 @@ def _rules(spec: dict[str, Any]) -> None:
             "fieldPath": ".maxStaleness",
         },
     ]
+    on_drift = spec["properties"]["fineTune"]["properties"]["onDrift"]
+    lo, hi = "self.minInterval", "self.maxInterval"
+    both = f"has({lo}) && has({hi}) && {_valid_duration(lo)} && {_valid_duration(hi)}"
+    on_drift["x-kubernetes-validations"] = [
+        {
+            "rule": f"!({both}) || {_duration_seconds(hi)} >= {_duration_seconds(lo)}",
+            "message": "onDrift.maxInterval must be at least minInterval",
+            "fieldPath": ".maxInterval",
+        }
+    ]
     # Changing the schema would silently abandon every release and snapshot in the old one.
     spec["properties"]["store"]["properties"]["schema"]["x-kubernetes-validations"] = [
         {"rule": "self == oldSelf", "message": "store.schema is immutable; create a new policy instead"}
@@ -202,6 +212,8 @@ def build_crd() -> dict[str, Any]:
         {"name": "Last Refresh", "type": "date", "jsonPath": ".status.lastRefresh.finishedAt"},
         {"name": "Candidate", "type": "string", "jsonPath": ".status.candidateRelease", "priority": 1},
         {"name": "Next Fine-Tune", "type": "date", "jsonPath": ".status.nextFineTuneAt", "priority": 1},
+        # Drift beyond the noise floor that the newest refresh measured (fineTune.onDrift compares it).
+        {"name": "Drift", "type": "number", "jsonPath": ".status.lastDrift.excess", "priority": 1},
         {"name": "Next Refresh", "type": "date", "jsonPath": ".status.nextRefreshAt", "priority": 1},
         {
             "name": "Change",
@@ -209,13 +221,6 @@ def build_crd() -> dict[str, Any]:
             "jsonPath": ".status.lastChange.top1Changed",
             "priority": 1,
             "description": "Share of context pairs whose top-1 changed in the newest candidate, against the active table.",
-        },
-        {
-            "name": "Drift",
-            "type": "number",
-            "jsonPath": ".status.drift.value",
-            "priority": 1,
-            "description": "Drift of the top-5 successor sets the newest refresh measured.",
         },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]

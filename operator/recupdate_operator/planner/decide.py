@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from recupdate_workloads.contract.drift import DriftRule, drift_fire
 from recupdate_workloads.contract.serve import release_keys
 from recupdate_workloads.contract.timefmt import iso
 
@@ -58,6 +59,7 @@ from .actions import (
     RollServe,
     StopServe,
 )
+from .drift import adapter_of, newest_drift
 from .inputs import JOB_APPEAR_GRACE, NOT_A_FAULT, ObservedJob, Policy, RegistryView, ReleaseView, owner_conflict
 from .naming import _fmt, config_hash, gates_verdict, parse_run_name, run_config, run_name
 
@@ -94,7 +96,9 @@ class _Planner:
         self.s.observed_generation = policy.generation
         self.waiting: dict[RunKind, str] = {}  # why a due run did not launch, for the conditions
         self.spec = PolicySpec()
-        self.fires: dict[RunKind, tuple[datetime, datetime]] = {}  # (latest at or before now, next after now)
+        # (latest at or before now, next after now); None for fine-tunes without a cron schedule
+        self.fires: dict[RunKind, tuple[datetime, datetime] | None] = {}
+        self.drift_note = ""  # why a drift-triggered fine-tune launched, for its event
 
     # -- helpers -------------------------------------------------------------------------------------------
 
@@ -158,6 +162,7 @@ class _Planner:
         self._track_runs()
         self._last_sync()
         self._last_change()
+        self._last_drift()
         active = self._decide_releases()
         for kind in (RunKind.FINETUNE, RunKind.REFRESH):
             self._schedule(kind, active)
@@ -234,6 +239,12 @@ class _Planner:
         except (TypeError, ValueError):
             return None
 
+    def _last_drift(self) -> None:
+        """status.lastDrift: the newest release whose run measured drift (a refresh, docs/spec.md)."""
+        m = newest_drift(self.registry.releases)
+        if m is not None:
+            self.s.last_drift = m.status()
+
     def _validate_spec(self) -> PolicySpec | None:
         raw = self.policy.spec
         try:
@@ -276,13 +287,17 @@ class _Planner:
             self.event("Warning", "InvalidSpec", message)
         self.condition(ConditionType.SPEC_VALID, False, "InvalidSpec", message)
 
-    def _fires(self, spec: PolicySpec) -> dict[RunKind, tuple[datetime, datetime]]:
-        """The latest fire at or before now and the next one after it, per kind."""
+    def _fires(self, spec: PolicySpec) -> dict[RunKind, tuple[datetime, datetime] | None]:
+        """The latest fire at or before now and the next one after it, per kind (no cron: no fine-tune fires)."""
         ft = spec.fine_tune
         try:
             cron = (
-                schedule.prev_cron_fire(ft.schedule, self.now, ft.time_zone),
-                schedule.next_cron_fire(ft.schedule, self.now, ft.time_zone),
+                (
+                    schedule.prev_cron_fire(ft.schedule, self.now, ft.time_zone),
+                    schedule.next_cron_fire(ft.schedule, self.now, ft.time_zone),
+                )
+                if ft.schedule is not None
+                else None
             )
         except (ValueError, OverflowError, KeyError, OSError) as exc:  # KeyError, OSError: zoneinfo's lookups
             raise ValueError(f"fineTune.schedule {ft.schedule!r} ({ft.time_zone}) has no fire time: {exc}") from None
@@ -564,8 +579,10 @@ class _Planner:
         ft = spec.fine_tune
         earliest = self.policy.creation_timestamp
         mark = self.scheduled_mark(kind)
-        latest, upcoming = self.fires[kind]
-        due = schedule.missed_fire(latest, mark, earliest)
+        fires = self.fires[kind]
+        latest, upcoming = fires if fires is not None else (None, None)
+        due = schedule.missed_fire(latest, mark, earliest) if latest is not None else None
+        why = "scheduled"
 
         # A refresh re-infers with the serving adapter: nothing to refresh before a first release.
         if kind == RunKind.REFRESH and self._active_id(active) is None:
@@ -573,11 +590,22 @@ class _Planner:
             self._set_next(kind, None)
             return
 
+        if kind == RunKind.FINETUNE:
+            self.s.next_fine_tune_reason = "schedule" if upcoming is not None else None
+            drift = self._drift_fire(active, mark)
+            if drift is not None and drift[0] <= self.now:
+                # One fine-tune answers both: the later time (the fresher window) is launched and marked.
+                if due is None or drift[0] > due:
+                    due, why = drift
+            elif drift is not None and (upcoming is None or drift[0] < upcoming):
+                upcoming = drift[0]  # a drift fine-tune waits for minInterval, or the maxInterval cap is next
+                self.s.next_fine_tune_reason = drift[1]
+
         target: tuple[datetime, int, str] | None = None  # (scheduled_at, attempt, why)
         if due is not None:
             deadline = ft.starting_deadline_seconds if kind == RunKind.FINETUNE else None
             if schedule.within_deadline(due, self.now, deadline):
-                target = (due, 0, "scheduled")
+                target = (due, 0, why)
             elif not spec.suspend:
                 self.mark_scheduled(kind, due)
                 self.event(
@@ -596,7 +624,39 @@ class _Planner:
         next_at = upcoming
         if target is not None:
             next_at = self._try_launch(kind, target, active) or upcoming
-        self._set_next(kind, min(next_at, upcoming))
+        self._set_next(kind, _earliest(next_at, upcoming))
+
+    def _drift_fire(self, active: _Release | None, mark: datetime | None) -> tuple[datetime, str] | None:
+        """When fineTune.onDrift wants a fine-tune (contract.drift.drift_fire, which replay's adaptive runs
+        too), and why: drift or maxInterval. The last fine-tune is the latest one launched or skipped (the
+        mark), else the end of the active adapter's training window (a status that was lost)."""
+        od = self.spec.fine_tune.on_drift
+        if od is None or self.registry.error:
+            return None
+        adapter_run, trained_at = adapter_of(self.registry.release(active.id) if active else None)
+        last = mark or trained_at
+        if last is None:
+            return None  # never fine-tuned: the initial fine-tune's business
+        m = newest_drift(self.registry.releases, adapter_run) if adapter_run else None
+        rule = DriftRule(
+            od.threshold,
+            int(parse_duration(od.min_interval).total_seconds()),
+            int(parse_duration(od.max_interval).total_seconds()) if od.max_interval else None,
+        )
+        fire = drift_fire(
+            rule,
+            int(last.timestamp()),
+            int(m.measured_at.timestamp()) if m is not None and m.measured_at else None,
+            m.excess if m is not None else None,
+        )
+        if fire is None:
+            return None
+        self.drift_note = (
+            f" (drift beyond noise {m.excess:.3f} >= {od.threshold} in {m.release_id})"
+            if fire.reason == "drift" and m is not None and m.excess is not None
+            else f" (maxInterval {od.max_interval} since {iso(last)})"
+        )
+        return datetime.fromtimestamp(fire.at, UTC), fire.reason
 
     def _retry_or_initial(self, last: RunRef | None, active: _Release | None) -> tuple[datetime, int, str] | None:
         ft = self.spec.fine_tune
@@ -668,7 +728,7 @@ class _Planner:
         self.s.active_runs.append(ref)
         self.set_last(kind, ref)
         self.mark_scheduled(kind, scheduled_at)
-        what = {"scheduled": "", "retry": f" (retry {attempt})", "initial": " (initial)"}[why]
+        what = {"scheduled": "", "retry": f" (retry {attempt})", "initial": " (initial)"}.get(why, self.drift_note)
         self.event("Normal", "Launched", f"{kind.value} {run_id} for {iso(scheduled_at)}{what}")
         return None
 
@@ -791,6 +851,10 @@ class _Release:
         return _Release(
             r.release_id, r.created_at, activated_at or r.activated_at, r.evidence_at, r.adapter_uri, r.table_version
         )
+
+
+def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return min(a, b) if a is not None and b is not None else a or b
 
 
 def _after(a: datetime | None, b: datetime | None) -> bool:

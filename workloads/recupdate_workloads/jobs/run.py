@@ -24,6 +24,7 @@ from recupdate_workloads.contract import entrypoints
 from recupdate_workloads.contract.env import DSN_ENV, SYNC_ENV
 from recupdate_workloads.contract.redact import redact_logs
 from recupdate_workloads.data import evidence as evidence_mem
+from recupdate_workloads.data.drift import MIN_SUPPORT, window_drift
 from recupdate_workloads.data.errors import DataError
 from recupdate_workloads.data.sequences import triples as to_triples
 from recupdate_workloads.data.types import Catalogue, Triples
@@ -301,8 +302,38 @@ def run_finetune(store: Store, cfg: RunConfig) -> reg.Release:
             result = run_ray(train_cfg, workers=cfg.workers, use_gpu=use_gpu, cpus_per_worker=cpus, name=cfg.run_id)
         run.cost |= _training_cost(run, cfg, result.metrics, len(examples))
         adapter = f"file://{result.adapter_dir}"
-        extra = {"trainLoss": result.metrics.get("train_loss")}
+        # Which fine-tune trained the adapter, and on what: the window every refresh measures drift against.
+        trained = {
+            "run": cfg.run_id,
+            "scheduledAt": cfg.window_end,
+            "trainStart": cfg.window_start,
+            "trainEnd": cfg.holdout_start,
+        }
+        extra = {"trainLoss": result.metrics.get("train_loss"), "adapter": trained}
         return _candidate(store, cfg, base, adapter, catalogue, cfg.with_evidence, run.cost, extra)
+
+
+def measure_drift(store: Store, cfg: RunConfig, trained: dict[str, Any], n_clusters: int) -> dict[str, Any]:
+    """Drift of this refresh's evidence window against the active adapter's training window (data/drift.py):
+    the top-5 successor sets per context, beside the shuffled floor, and the contexts that had the support.
+    The windows are kept disjoint (the training window stops where the evidence window starts), so that
+    shared triples do not pass for stability. What the planner's fineTune.onDrift reads (docs/spec.md)."""
+    t0 = time.perf_counter()
+    new_start = cfg.window_end - cfg.retrieval_window
+    ref_start, ref_end = int(trained["trainStart"]), min(int(trained["trainEnd"]), new_start)
+    _, ref = load_triples(store, ref_start, ref_end, cfg.positive_threshold) if ref_end > ref_start else (None, None)
+    _, new = load_triples(store, new_start, cfg.window_end, cfg.positive_threshold)
+    if ref is None:
+        ref = new.select(np.zeros(len(new), dtype=bool))
+    measured = window_drift(ref, new, n_clusters, MIN_SUPPORT)
+    out = measured.as_dict() | {
+        "measuredAt": cfg.window_end,
+        "adapterRun": trained.get("run"),
+        "minSupport": MIN_SUPPORT,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    log.info("run %s drift against %s: %s", cfg.run_id, trained.get("run"), out)
+    return out
 
 
 def run_refresh(store: Store, cfg: RunConfig) -> reg.Release:
@@ -314,7 +345,11 @@ def run_refresh(store: Store, cfg: RunConfig) -> reg.Release:
         catalogue, _ = cat.load_catalogue(store)
         with_ev = bool(active.metrics.get("withEvidence", True))
         run.cost |= {"cpuSeconds": 0.0, "examples": 0, "tokens": 0}
-        extra = {"refreshOf": active.release_id}
+        extra: dict[str, Any] = {"refreshOf": active.release_id}
+        trained = active.metrics.get("adapter")
+        if isinstance(trained, dict):
+            extra["adapter"] = trained
+            extra["drift"] = measure_drift(store, cfg, trained, len(catalogue))
         rel = _candidate(store, cfg, active.base_model, active.adapter_uri, catalogue, with_ev, run.cost, extra)
         run.cost["cpuSeconds"] = run.cpu_seconds()
         return rel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store.db import open_store
 
 BASELINES = ("static", "counts", "popular")
-LLM_STRATEGIES = ("finetune", "rag", "hybrid")
+LLM_STRATEGIES = ("finetune", "rag", "hybrid", "adaptive")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -49,6 +50,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/replay", help="directory for results.json and hr5.png")
     p.add_argument("--store-dir", default=None, help="embedded PostgreSQL data dir (default: a temp dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from recupdate_workloads.replay import timeline
+
+    timeline.configure(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown strategies: {', '.join(sorted(unknown))}")
     try:  # bad data (DataError), a bad duration, too short a span: one line and exit 2, before any store starts
-        ds = load(
-            args.data, clusters=args.clusters, synthetic=SyntheticSpec(n_interactions=args.interactions, seed=args.seed)
-        )
+        ds = load(args.data, clusters=args.clusters, synthetic=_synthetic(args))
         print(f"data {ds.name}: {ds.report.summary()}; {len(ds.catalogue)} clusters")
         period = parse_seconds(args.period)
         window = parse_seconds(args.window) if args.window else period
@@ -84,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             cat.save_catalogue(store, ds.catalogue, ds.log.item_cluster)
             evidence = rp.store_evidence(store, t, ds.catalogue, config)
-            strategies = build_strategies(names, args, Path(tmp), store)
-            result = rp.replay(t, ds.catalogue, strategies, config, evidence, ds.name, progress=not args.no_progress)
+            strategies = build_strategies(names, args, Path(tmp), store, period)
+            recorded = _recorded(strategies)
+            result = rp.replay(t, ds.catalogue, recorded, config, evidence, ds.name, progress=not args.no_progress)
         finally:
             with store.tx() as c:
                 c.execute("DROP SCHEMA replay CASCADE")
@@ -100,7 +103,32 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(report.format_cost_quality(report.replay_cost_quality(result)))
     print(f"plot:    {report.plot_replay(result, out / 'hr5.png')} (fine-tunes and promotions marked)")
+    llm = [r for r in recorded if r.name in LLM_STRATEGIES]
+    if llm:
+        from recupdate_workloads.replay import timeline as tl
+        from recupdate_workloads.replay.adaptive import AdaptiveStrategy
+
+        print(tl.finetune_summary(llm))
+        drift = tl.data_drift(t, [b for b, _ in result.periods], period, len(ds.catalogue))
+        adaptive = next((r.inner for r in llm if isinstance(r.inner, AdaptiveStrategy)), None)
+        print(f"fine-tunes plot: {tl.plot_finetunes(result, llm, adaptive, drift, out / 'finetunes.png')}")
     return 0
+
+
+def _synthetic(args: argparse.Namespace) -> SyntheticSpec:
+    spec = SyntheticSpec(n_interactions=args.interactions, seed=args.seed)
+    if args.synthetic_drift is not None:
+        spec = dataclasses.replace(spec, drift=args.synthetic_drift)
+    if args.synthetic_clusters is not None:
+        spec = dataclasses.replace(spec, n_clusters=args.synthetic_clusters)
+    return spec
+
+
+def _recorded(strategies: list[Any]) -> list[Any]:
+    """Every strategy, the LLM ones wrapped so that their fine-tunes are noted per boundary."""
+    from recupdate_workloads.replay.timeline import Recorded
+
+    return [Recorded(s) if s.name in LLM_STRATEGIES else s for s in strategies]
 
 
 def _check_span(t: Any, period: int, train_periods: int, name: str) -> None:
@@ -115,7 +143,9 @@ def _check_span(t: Any, period: int, train_periods: int, name: str) -> None:
         )
 
 
-def build_strategies(names: list[str], args: argparse.Namespace, workdir: Path, store: Any) -> list[Any]:
+def build_strategies(
+    names: list[str], args: argparse.Namespace, workdir: Path, store: Any, period: int = 0
+) -> list[Any]:
     from recupdate_workloads.replay import core as rp
 
     out: list[Any] = []
@@ -126,6 +156,10 @@ def build_strategies(names: list[str], args: argparse.Namespace, workdir: Path, 
             out.append(rp.CountsStrategy("counts", refresh=True))
         elif name == "popular":
             out.append(rp.PopularStrategy())
+        elif name == "adaptive":
+            from recupdate_workloads.replay import adaptive
+
+            out.append(adaptive.build(args, workdir, store, period or parse_seconds(args.period)))
         else:
             import recupdate_workloads.replay.llm as replay_llm
 

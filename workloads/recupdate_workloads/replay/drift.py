@@ -9,82 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
-
-import numpy as np
 
 from recupdate_workloads.contract.durations import parse_seconds
+from recupdate_workloads.data.drift import TOP, DriftStats, drift
 from recupdate_workloads.data.loaders import load
-from recupdate_workloads.data.sequences import pair_key, triples
+from recupdate_workloads.data.sequences import triples
 from recupdate_workloads.data.synthetic import SyntheticSpec
-from recupdate_workloads.data.types import Triples
 
-TOP = 5
-
-
-@dataclass
-class DriftStats:
-    mean: float
-    var: float
-    contexts: int
-    comparisons: int
-
-
-def _top_sets(
-    key: np.ndarray, period: np.ndarray, nxt: np.ndarray, min_support: int
-) -> dict[tuple[int, int], set[int]]:
-    """{(context key, period): top-5 successors} for cells with at least min_support triples."""
-    order = np.lexsort((nxt, period, key))
-    key, period, nxt = key[order], period[order], nxt[order]
-    cell = np.stack([key, period], axis=1)
-    bounds = np.flatnonzero(np.any(cell[1:] != cell[:-1], axis=1)) + 1
-    out = {}
-    for seg_k, seg_p, seg_n in zip(np.split(key, bounds), np.split(period, bounds), np.split(nxt, bounds), strict=True):
-        if len(seg_n) < min_support:
-            continue
-        vals, counts = np.unique(seg_n, return_counts=True)
-        top = vals[np.lexsort((vals, -counts))][:TOP]
-        out[(int(seg_k[0]), int(seg_p[0]))] = set(top.tolist())
-    return out
-
-
-def consecutive_jaccard(key: np.ndarray, period: np.ndarray, nxt: np.ndarray, min_support: int) -> DriftStats:
-    sets = _top_sets(key, period, nxt, min_support)
-    sims, ctx = [], set()
-    for (k, p), s in sets.items():
-        nxt_set = sets.get((k, p + 1))
-        if nxt_set is not None:
-            sims.append(len(s & nxt_set) / len(s | nxt_set))
-            ctx.add(k)
-    arr = np.asarray(sims, dtype=np.float64)
-    return DriftStats(
-        float(arr.mean()) if len(arr) else float("nan"),
-        float(arr.var()) if len(arr) else float("nan"),
-        len(ctx),
-        len(arr),
-    )
-
-
-def drift(t: Triples, n_clusters: int, period: int, min_support: int, seed: int = 0) -> tuple[DriftStats, DriftStats]:
-    """(observed, shuffled noise floor). No triples: no comparisons (NaN means)."""
-    if period <= 0:
-        raise ValueError("period must be positive")
-    if not len(t):
-        none = DriftStats(float("nan"), float("nan"), 0, 0)
-        return none, none
-    # Period index by arithmetic: nothing is allocated per period, so a wide time span costs nothing.
-    per = (t.ts - int(t.ts.min())) // period
-    key = pair_key(t.c1, t.c2, n_clusters)
-    observed = consecutive_jaccard(key, per, t.c_next, min_support)
-    # Shuffle the period labels among each context's triples: same per-period sizes, no time structure.
-    rng = np.random.default_rng(seed)
-    order = np.lexsort((rng.random(len(key)), key))
-    shuffled = per.copy()
-    k_sorted = key[order]
-    bounds = np.flatnonzero(k_sorted[1:] != k_sorted[:-1]) + 1
-    for seg in np.split(order, bounds):
-        shuffled[seg] = rng.permutation(per[seg])
-    return observed, consecutive_jaccard(key, shuffled, t.c_next, min_support)
+__all__ = ["TOP", "DriftStats", "configure", "drift", "run"]  # the measure lives in data/drift.py
 
 
 def configure(p: argparse.ArgumentParser) -> None:
