@@ -288,7 +288,8 @@ class LocalRun:
                     self._probe(last_probe, int(now.timestamp()), probe, static)
                 last_probe = int(now.timestamp())
                 try:
-                    p = plan(policy, status, backend.observe_jobs(ref), registry.read(ref), now)
+                    view = registry.with_analysis(ref, status, registry.read(ref))
+                    p = plan(policy, status, backend.observe_jobs(ref), view, now)
                     apply_plan(p, ref, backend, registry, now, self._event, self._action)
                 except (BackendError, StoreError) as exc:
                     # As the operator does: a store or job error is retried with backoff, the step unchanged

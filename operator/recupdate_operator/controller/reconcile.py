@@ -42,6 +42,7 @@ from ..planner import (
     Plan,
     Policy,
     Promote,
+    RecordAnalysis,
     RecordRun,
     RegistryView,
     Reject,
@@ -316,6 +317,7 @@ class Controller:
             jobs = self._jobs(key)
             assert self.registry is not None
             view = self.registry.read(ref)  # claims the schema first: another policy's gives SpecValid=False
+            view = self.registry.with_analysis(ref, status_in, view)  # the running analysis's figures
             service = self._service(key)
             status_in = self._check_serving(key, entry, spec, status_in, service)
 
@@ -339,6 +341,7 @@ class Controller:
             metrics.count_sync(key[0], key[1], sync)  # once per run: the status remembers the last one counted
         metrics.set_active_release(key[0], key[1], p.status.active_release)
         metrics.set_staleness(key[0], key[1], p.status.active_release_evidence_at, now)
+        metrics.set_analysis(key[0], key[1], p.status.analysis)
         with entry.lock:
             entry.failures, entry.last_error = 0, None
         return self._delay(p, now, entry)
@@ -396,6 +399,8 @@ class Controller:
                 metrics.PROMOTIONS.labels("Rollback").inc()
             elif isinstance(action, Reject):
                 metrics.REJECTIONS.inc()
+            elif isinstance(action, RecordAnalysis):
+                metrics.ANALYSIS_VERDICTS.labels(key[1], action.verdict).inc()
             elif isinstance(action, RollServe):
                 with entry.lock:
                     entry.served_at = self.clock()

@@ -29,7 +29,10 @@ def in_canary(user_id: str | None, percent: float) -> bool:
     return canary_bucket(user_id) < percent * BUCKETS / 100
 
 
-#: The same bucket in PostgreSQL, of a text expression substituted for {user}.
+#: The same bucket in PostgreSQL, of a text expression substituted for {user} (mod(), not %: the statement
+#: also carries %(name)s parameters).
 CANARY_BUCKET_SQL = (
-    "((('x' || substr(encode(sha256(convert_to({user}, 'UTF8')), 'hex'), 1, 8))::bit(32)::bigint) % " + str(BUCKETS) + ")"
+    "mod(('x' || substr(encode(sha256(convert_to({user}, 'UTF8')), 'hex'), 1, 8))::bit(32)::bigint, "
+    + str(BUCKETS)
+    + ")"
 )
