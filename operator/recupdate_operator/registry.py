@@ -423,6 +423,7 @@ class Registry:
         ]
         if missing or cand is None or base is None or a.started_at is None:
             return dataclasses.replace(fig, error=f"no transition table for {', '.join(missing) or 'the analysis'}")
+        assert cand.table_version is not None and base.table_version is not None  # in `missing` otherwise
         s = policy.schema
         canary = a.mode == AnalysisMode.CANARY
         bucket = sql.SQL(CANARY_BUCKET_SQL.format(user="coalesce(ux.external, t.user_id::text)"))
