@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import yaml
 
 from fixtures.operator_world import World
 from recupdate_operator import metrics
@@ -132,6 +133,15 @@ async def test_canary_aborts_a_worse_candidate(make_world: MakeWorld) -> None:
         assert uc["release_id"] == FIRST
         assert uc["canary"]["release_id"] == REFRESH_1 and uc["canary"]["percent"] == 50
         await w.wait_events("CanaryStarted")
+        # A spec change that the RayService follows (replicas) keeps the canary in it.
+        await w.patch_policy("recs", {"spec": {"serving": {"replicas": 2}}})
+
+        def replicas() -> int:
+            config = yaml.safe_load((w.rayservice() or {})["spec"]["serveConfigV2"])
+            return int(config["applications"][0]["deployments"][0]["num_replicas"])
+
+        await w.wait(lambda: replicas() == 2)
+        assert (w.served_user_config() or {})["canary"]["release_id"] == REFRESH_1
         _users_act(w, range(60))
 
         await w.wait(lambda: w.releases().get(REFRESH_1) == "rejected", timeout=3600)

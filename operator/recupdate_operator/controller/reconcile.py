@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes import client as k8s_client
 from pydantic import ValidationError
 
-from recupdate_workloads.contract.serve import release_keys
+from recupdate_workloads.contract.serve import canary_keys, release_keys
 from recupdate_workloads.contract.timefmt import parse_time
 
 from .. import metrics
@@ -429,10 +429,13 @@ class Controller:
         if active is None or active.release_id != p.status.served_release:
             return
         assert self.backend is not None
-        self.backend.ensure_serving(
-            ref,
-            release_keys(active.release_id, active.adapter_uri, active.table_version, ref.schema),
-        )
+        user_config = release_keys(active.release_id, active.adapter_uri, active.table_version, ref.schema)
+        a, canary = p.status.analysis, view.release(p.status.served_canary or "")
+        if canary is not None and a is not None and a.release_id == canary.release_id:  # a canary keeps running
+            user_config["canary"] = canary_keys(
+                canary.release_id, canary.adapter_uri, canary.table_version, a.traffic_percent
+            )
+        self.backend.ensure_serving(ref, user_config)
         with entry.lock:
             entry.served_at = self.clock()
 

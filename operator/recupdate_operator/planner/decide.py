@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from recupdate_workloads.contract.serve import release_keys
+from recupdate_workloads.contract.serve import canary_keys, release_keys
 from recupdate_workloads.contract.timefmt import iso
 
 from .. import schedule
@@ -622,12 +622,9 @@ class _Planner:
             user_config = release_keys(active.id, active.adapter_uri, active.table_version, schema)
             if canary is not None:
                 percent = self.s.analysis.traffic_percent if self.s.analysis else 0
-                user_config["canary"] = {
-                    "release_id": canary.release_id,
-                    "adapter_uri": canary.adapter_uri,
-                    "table_version": canary.table_version,
-                    "percent": percent,
-                }
+                user_config["canary"] = canary_keys(
+                    canary.release_id, canary.adapter_uri, canary.table_version, percent
+                )
             self.actions.append(RollServe(active.id, user_config))
             if self.s.served_release != active.id:
                 self.event("Normal", "ServeUpdated", f"serving release {active.id}")

@@ -108,6 +108,12 @@ def release_keys(release_id: str, adapter_uri: str | None, table_version: Any, s
     }
 
 
+def canary_keys(release_id: str, adapter_uri: str | None, table_version: Any, percent: float) -> dict[str, Any]:
+    """The ``canary`` entry of a user_config (CanaryConfig) as the controller builds it; not validated here,
+    as release_keys."""
+    return {"release_id": release_id, "adapter_uri": adapter_uri, "table_version": table_version, "percent": percent}
+
+
 def normalize_user_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A user_config checked against UserConfig (ValueError when a contract key is missing or a key unknown),
     in the contract's key order, ``table_version`` as an integer."""
