@@ -494,6 +494,50 @@ class Promotion(StrEnum):
     MANUAL = "Manual"
 
 
+class AnalysisMode(StrEnum):
+    SHADOW = "Shadow"
+    CANARY = "Canary"
+
+
+class AnalysisSpec(CamelModel):
+    """Analysis on live events before promotion (docs/analysis.md): a candidate that passed the offline gates is
+    scored against the active release on the interactions that arrive after the analysis starts, by HR@5 on
+    the users' actual next novel clusters, and promoted only if it is no worse beyond maxRegression."""
+
+    mode: AnalysisMode = Field(
+        default=AnalysisMode.SHADOW,
+        description="Shadow: both tables are scored on every new event and no user sees the candidate. Canary: "
+        "a stable hash of the user id sends trafficPercent of /recommend requests to the candidate (both tables "
+        "in the same Serve replicas); each arm is scored with the table that served it.",
+    )
+    duration: Duration = Field(
+        default="1h",
+        description="How long the analysis runs. The candidate is promoted when it ends with at least minEvents "
+        "events and no regression beyond maxRegression; with fewer events it is Inconclusive and held.",
+    )
+    traffic_percent: int = Field(
+        default=10,
+        ge=1,
+        le=50,
+        description="Canary only: the percentage of users (by a stable hash of the request's user_id) whose "
+        "/recommend requests the candidate answers.",
+    )
+    min_events: int = Field(
+        default=500,
+        ge=1,
+        le=1_000_000_000,
+        description="Scored events (a user's next novel cluster after two distinct ones) needed for a verdict; "
+        "in Canary mode, in each arm.",
+    )
+    max_regression: float = Field(
+        default=0.005,
+        ge=0.0,
+        le=1.0,
+        description="Largest allowed drop of the candidate's HR@5 below the active release's (absolute). Once "
+        "minEvents are scored, a larger drop aborts the analysis at once: the candidate is rejected.",
+    )
+
+
 class GatesSpec(CamelModel):
     min_exact_match: float = Field(
         default=0.90,
@@ -514,6 +558,11 @@ class GatesSpec(CamelModel):
         default=Promotion.AUTOMATIC,
         description="Automatic: promote every candidate that passes its gates. Manual: wait for the "
         "annotation recupdate.io/approve=<release id>.",
+    )
+    analysis: AnalysisSpec | None = Field(
+        default=None,
+        description="Analysis on live events before an automatic promotion (Shadow or Canary). Absent: a "
+        "candidate that passes its gates is promoted at once.",
     )
 
 
@@ -596,6 +645,15 @@ class PolicySpec(CamelModel):
     serving: ServingSpec = Field(default_factory=ServingSpec, description="The owned RayService.")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="Where and how jobs run.")
     history: HistorySpec = Field(default_factory=HistorySpec, description="How much history is kept.")
+
+    @model_validator(mode="after")
+    def _check_analysis(self) -> PolicySpec:
+        # Every refresh registers a candidate, and a newer candidate restarts the analysis (as a new revision
+        # restarts an Argo Rollouts analysis): a longer analysis would never end.
+        a = self.gates.analysis
+        if a is not None and parse_duration(a.duration) >= parse_duration(self.retrieval.refresh_interval):
+            raise ValueError("gates.analysis.duration must be shorter than retrieval.refreshInterval")
+        return self
 
 
 # A policy name that maps to its default schema by '-' -> '_' alone (what every name mapped to before schemas
@@ -812,6 +870,7 @@ class ConditionType(StrEnum):
     REFRESHING = "Refreshing"
     DEGRADED = "Degraded"
     SPEC_VALID = "SpecValid"
+    ANALYZING = "Analyzing"
 
 
 class ConditionStatus(StrEnum):
@@ -915,6 +974,35 @@ class DriftStatus(StatusModel):
     contexts: int = Field(default=0, ge=0, description="Contexts with enough support in both windows.")
 
 
+class AnalysisPhase(StrEnum):
+    RUNNING = "Running"
+    PROMOTED = "Promoted"
+    ABORTED = "Aborted"
+    INCONCLUSIVE = "Inconclusive"
+    CANCELLED = "Cancelled"
+
+
+class AnalysisStatus(StatusModel):
+    """The analysis of a candidate on live events (gates.analysis), in progress or its verdict."""
+
+    release_id: str = Field(..., description="The candidate under analysis.")
+    baseline_release: str = Field(..., description="The active release it is compared with.")
+    mode: AnalysisMode = Field(default=AnalysisMode.SHADOW, description="Shadow or Canary.")
+    traffic_percent: int = Field(default=0, ge=0, le=100, description="Canary: the candidate's share of users.")
+    phase: AnalysisPhase = Field(
+        default=AnalysisPhase.RUNNING, description="Running, Promoted, Aborted, Inconclusive or Cancelled."
+    )
+    started_at: datetime | None = Field(default=None, description="When it started; events after it are scored.")
+    ends_at: datetime | None = Field(default=None, description="When the analysis window ends.")
+    finished_at: datetime | None = Field(default=None, description="When the verdict was given.")
+    measured_at: datetime | None = Field(default=None, description="When the figures were last measured.")
+    candidate_events: int = Field(default=0, ge=0, description="Events the candidate's table was scored on.")
+    baseline_events: int = Field(default=0, ge=0, description="Events the active table was scored on.")
+    candidate_hit_rate: float | None = Field(default=None, description="The candidate's HR@5 on its events.")
+    baseline_hit_rate: float | None = Field(default=None, description="The active release's HR@5 on its events.")
+    message: str = Field(default="", max_length=4096, description="The figures or the reason for the verdict.")
+
+
 class PolicyStatus(StatusModel):
     observed_generation: int | None = Field(default=None, description="The spec generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Fresh, FineTuning, ...")
@@ -951,6 +1039,12 @@ class PolicyStatus(StatusModel):
     )
     next_fine_tune_at: datetime | None = Field(default=None, description="When the next fine-tune is due.")
     next_refresh_at: datetime | None = Field(default=None, description="When the next refresh is due.")
+    served_canary: str | None = Field(
+        default=None, description="The candidate the RayService also serves to a canary share of users."
+    )
+    analysis: AnalysisStatus | None = Field(
+        default=None, description="The latest analysis on live events (gates.analysis): in progress, or its verdict."
+    )
     handled_approval: str | None = Field(default=None, description="The last recupdate.io/approve value acted on.")
     handled_rollback: str | None = Field(default=None, description="The last recupdate.io/rollback-to value acted on.")
 

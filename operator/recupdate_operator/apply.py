@@ -19,6 +19,7 @@ from .planner import (
     Plan,
     Promote,
     PruneReleases,
+    RecordAnalysis,
     RecordRun,
     Reject,
     Rollback,
@@ -32,6 +33,7 @@ class RegistryWriter(Protocol):
     def activate(self, policy: PolicyRef, release_id: str, now: datetime) -> None: ...
     def reject(self, policy: PolicyRef, release_id: str, reasons: Any) -> None: ...
     def prune(self, policy: PolicyRef, release_ids: Any) -> None: ...
+    def record_analysis(self, policy: PolicyRef, release_id: str, verdict: str, figures: Any) -> None: ...
 
 
 def apply_plan(
@@ -60,6 +62,8 @@ def apply_plan(
             registry.activate(ref, action.release_id, now)
         elif isinstance(action, Reject):
             registry.reject(ref, action.release_id, action.reasons)
+        elif isinstance(action, RecordAnalysis):
+            registry.record_analysis(ref, action.release_id, action.verdict, action.figures)
         elif isinstance(action, RollServe):
             backend.roll_serving(ref, action.user_config)
         elif isinstance(action, StopServe):

@@ -12,6 +12,7 @@ ORDER = [
     ConditionType.FRESH,
     ConditionType.FINE_TUNING,
     ConditionType.REFRESHING,
+    ConditionType.ANALYZING,
     ConditionType.DEGRADED,
     ConditionType.SPEC_VALID,
 ]

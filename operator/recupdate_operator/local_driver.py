@@ -217,7 +217,8 @@ class LocalRun:
         bucket = (start - int(self.data.log.ts.min())) // probe.period
         for i in idx.tolist():
             c1, c2, nxt = int(t.c1[i]), int(t.c2[i]), int(t.c_next[i])
-            body = json.dumps({"recent_clusters": [c1, c2], "n": 5}).encode()
+            # The user's id as the store holds it: during a canary its hash picks the release that answers.
+            body = json.dumps({"recent_clusters": [c1, c2], "n": 5, "user_id": str(int(t.user[i]))}).encode()
             req = urllib.request.Request(f"http://127.0.0.1:{self.args.port}/recommend", body,
                                          {"Content-Type": "application/json"})  # fmt: skip
             probe.requests += 1
@@ -270,7 +271,8 @@ class LocalRun:
                # local mode feeds the store itself as its clock advances: the jobs' sync step stays off
                SYNC_ENV: "off"}  # fmt: skip
         backend = LocalBackend(self.store.dsn, self.workdir, env=env, port=self.args.port, clock=lambda: self.now,
-                               fail_runs=tuple(self.args.fail_run or ()))  # fmt: skip
+                               fail_runs=tuple(self.args.fail_run or ()),
+                               worse_runs=tuple(self.args.worse_run or ()))  # fmt: skip
         registry = Registry(None, StoreSettings(default_dsn=self.store.dsn))  # registers the DSN as a secret
         status: dict[str, Any] = {}
         if self.status_file.exists():
@@ -292,7 +294,8 @@ class LocalRun:
                     self._probe(last_probe, int(now.timestamp()), probe, static)
                 last_probe = int(now.timestamp())
                 try:
-                    p = plan(policy, status, backend.observe_jobs(ref), registry.read(ref), now)
+                    view = registry.with_analysis(ref, status, registry.read(ref))
+                    p = plan(policy, status, backend.observe_jobs(ref), view, now)
                     apply_plan(p, ref, backend, registry, now, self._event, self._action)
                 except (BackendError, StoreError) as exc:
                     # As the operator does: a store or job error is retried with backoff, the step unchanged
@@ -406,6 +409,19 @@ class LocalRun:
         )
         tot_t = sum(v[0] for v in probe.static_hits.values()) / max(1, sum(v[1] for v in probe.static_hits.values()))
         print(f"{'all':>6} {tot_s:8.3f} {tot_t:8.3f} {probe.requests:>7}")
+        analyses = [r for r in reg.list_releases(self.store) if isinstance((r.gates or {}).get("analysis"), dict)]
+        if analyses:
+            print("\nanalysis on live events (gates.analysis): HR@5 of the candidate vs the active release")
+            print(
+                f"{'release':<28} {'verdict':<12} {'mode':<7} {'candidate':>9} {'events':>7} {'active':>7} {'events':>7}"
+            )
+            for r in analyses:
+                a = r.gates["analysis"]
+                cand, base = _rate(a.get("candidateHitRate")), _rate(a.get("baselineHitRate"))
+                print(
+                    f"{r.release_id:<28} {a.get('verdict', '?'):<12} {a.get('mode', '?'):<7} {cand:>9} "
+                    f"{a.get('candidateEvents', 0):>7} {base:>7} {a.get('baselineEvents', 0):>7}"
+                )
         print(f"\nrequests to /recommend: {probe.requests}, failed: {probe.failures}; took {seconds / 60:.1f} min")
         if rows:
             print()
@@ -474,6 +490,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-status-line", dest="status_line", action="store_false", help="no live status line")
     p.add_argument("--fail-run", action="append", metavar="TEXT",
                    help="chaos: runs whose id contains TEXT get unpassable gates (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--worse-run",
+        action="append",
+        metavar="TEXT",
+        help="chaos: runs whose id contains TEXT pass their gates but publish a shuffled table, worse on live "
+        "events (for gates.analysis; repeatable)",
+    )
+
+
+def _rate(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else "-"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -86,6 +86,30 @@ DRIFT = Gauge(
 )
 _DRIFT_MEASURES = ("jaccard", "floor_jaccard", "excess", "contexts")
 POLICIES = Gauge("recupdate_policies", "Policies the operator currently tracks.", registry=REGISTRY)
+ANALYSIS_VERDICTS = Counter(
+    "recupdate_analysis_verdicts_total",
+    "Analyses on live events that ended, by verdict (Promoted, Aborted, Inconclusive, Cancelled), per policy.",
+    ["policy", "verdict"],
+    registry=REGISTRY,
+)
+ANALYSIS_RUNNING = Gauge(
+    "recupdate_analysis_running",
+    "1 while a policy's candidate is in analysis on live events (the release label), absent otherwise.",
+    ["namespace", "policy", "release"],
+    registry=REGISTRY,
+)
+ANALYSIS_HIT_RATE = Gauge(
+    "recupdate_analysis_hit_rate",
+    "HR@5 of the running analysis so far, per arm (candidate, active).",
+    ["namespace", "policy", "arm"],
+    registry=REGISTRY,
+)
+ANALYSIS_EVENTS = Gauge(
+    "recupdate_analysis_events",
+    "Events the running analysis has scored so far, per arm (candidate, active).",
+    ["namespace", "policy", "arm"],
+    registry=REGISTRY,
+)
 
 # What runs cost, from the registry (runs.cost), per policy and kind; each run is counted once (count_run_cost).
 _COST_LABELS = ["namespace", "policy", "kind"]
@@ -130,12 +154,6 @@ CANDIDATE_TOP5_OVERLAP = Gauge(
     "recupdate_candidate_top5_overlap_ratio",
     "Mean overlap of the top-5 lists of the newest candidate of this kind with the active table's.",
     _COST_LABELS,
-    registry=REGISTRY,
-)
-ANALYSIS_VERDICTS = Counter(
-    "recupdate_analysis_verdicts_total",
-    "Analyses of candidates on live events that ended, by verdict (e.g. Promoted, Aborted).",
-    ["verdict"],
     registry=REGISTRY,
 )
 
@@ -213,9 +231,36 @@ def set_drift(namespace: str, policy: str, drift: Any) -> None:
             DRIFT.labels(namespace, policy, measure).set(float(value))
 
 
+_analysing: dict[tuple[str, str], str] = {}
+
+
+def set_analysis(namespace: str, policy: str, analysis: Any) -> None:
+    """The gauges of a policy's running analysis (a status AnalysisStatus, or None); removed when none runs."""
+    running = analysis is not None and getattr(analysis.phase, "value", analysis.phase) == "Running"
+    with _lock:
+        old = _analysing.pop((namespace, policy), None)
+        if old is not None and (not running or old != analysis.release_id):
+            _remove(ANALYSIS_RUNNING, namespace, policy, old)
+        if running:
+            ANALYSIS_RUNNING.labels(namespace, policy, analysis.release_id).set(1)
+            _analysing[(namespace, policy)] = analysis.release_id
+    for arm, rate, events in (
+        ("candidate", analysis.candidate_hit_rate if running else None, analysis.candidate_events if running else 0),
+        ("active", analysis.baseline_hit_rate if running else None, analysis.baseline_events if running else 0),
+    ):
+        if running:
+            ANALYSIS_EVENTS.labels(namespace, policy, arm).set(events)
+            if rate is not None:
+                ANALYSIS_HIT_RATE.labels(namespace, policy, arm).set(rate)
+        else:
+            _remove(ANALYSIS_EVENTS, namespace, policy, arm)
+            _remove(ANALYSIS_HIT_RATE, namespace, policy, arm)
+
+
 def forget_policy(namespace: str, policy: str) -> None:
     """Drop the per-policy series of a policy that was deleted."""
     set_active_release(namespace, policy, None)
+    set_analysis(namespace, policy, None)
     _remove(STALENESS, namespace, policy)
     set_drift(namespace, policy, None)
     for kind in ("finetune", "refresh"):

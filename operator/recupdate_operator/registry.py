@@ -33,11 +33,20 @@ from kubernetes.client.exceptions import ApiException
 from psycopg import sql
 
 from recupdate_workloads.contract import registry as contract_registry
+from recupdate_workloads.contract.analysis import BUCKETS, CANARY_BUCKET_SQL, HIT_K
 
-from .api import RunKind, RunResult, SecretKeyRef
+from .api import AnalysisMode, AnalysisPhase, AnalysisStatus, RunKind, RunResult, SecretKeyRef
 from .backends.base import PolicyRef
 from .events import SECRETS, redact
-from .planner import RecordRun, RegistryView, ReleaseView, RunView, SchemaOwner, owner_conflict
+from .planner import (
+    AnalysisFigures,
+    RecordRun,
+    RegistryView,
+    ReleaseView,
+    RunView,
+    SchemaOwner,
+    owner_conflict,
+)
 
 SECRET_TTL = 300.0  # seconds a DSN read from a Secret is reused
 CONNECT_TIMEOUT = 5
@@ -394,6 +403,106 @@ class Registry:
                 )
             )
         return RegistryView(runs=tuple(reversed(runs)), releases=tuple(releases))
+
+    # -- analysis on live events (docs/analysis.md) -------------------------------------------------------
+
+    def with_analysis(self, policy: PolicyRef, status: Any, view: RegistryView) -> RegistryView:
+        """`view` with the figures of the analysis that status.analysis says is running (unchanged when none
+        runs, the store could not be read, or the spec has no analysis). Never raises: a failed measure gives
+        figures with an error, and the analysis goes on."""
+        raw = status.get("analysis") if isinstance(status, Mapping) else None
+        if view.error or not isinstance(raw, Mapping) or policy.spec.gates.analysis is None:
+            return view
+        try:
+            a = AnalysisStatus.model_validate(raw)
+        except ValueError:
+            return view
+        if a.phase != AnalysisPhase.RUNNING or a.started_at is None:
+            return view
+        return dataclasses.replace(view, analysis=self.measure_analysis(policy, a, view))
+
+    def measure_analysis(self, policy: PolicyRef, a: AnalysisStatus, view: RegistryView) -> AnalysisFigures:
+        """HR@5 of the candidate's and the active release's transition tables on the events after the analysis
+        started, in one SQL statement (no model, no torch): the positive interactions of the users active
+        since then, repeats collapsed, each novel next cluster with its two distinct predecessors as the
+        context, as data/sequences.py forms triples. Shadow scores both tables on every event; Canary scores
+        each user's events with the table of their arm (contract.analysis.CANARY_BUCKET_SQL)."""
+        cand, base = view.release(a.release_id), view.release(a.baseline_release)
+        fig = AnalysisFigures(a.release_id, a.baseline_release)
+        missing = [
+            rid for r, rid in ((cand, a.release_id), (base, a.baseline_release)) if r is None or r.table_version is None
+        ]
+        if missing or cand is None or base is None or a.started_at is None:
+            return dataclasses.replace(fig, error=f"no transition table for {', '.join(missing) or 'the analysis'}")
+        assert cand.table_version is not None and base.table_version is not None  # in `missing` otherwise
+        s = policy.schema
+        canary = a.mode == AnalysisMode.CANARY
+        bucket = sql.SQL(CANARY_BUCKET_SQL.format(user="coalesce(ux.external, t.user_id::text)"))
+        cand_arm = sql.SQL("canary") if canary else sql.SQL("true")
+        base_arm = sql.SQL("NOT canary") if canary else sql.SQL("true")
+
+        def hit(table_version: str) -> sql.Composable:
+            return sql.SQL(
+                "EXISTS (SELECT 1 FROM {} x WHERE x.c1 = ev.c1 AND x.c2 = ev.c2 AND x.cluster = ev.c_next"
+                " AND x.rank <= {})"
+            ).format(self._t(s, f"transitions_v{int(table_version)}"), sql.Literal(HIT_K))
+
+        q = sql.SQL(
+            "WITH recent AS (SELECT DISTINCT user_id FROM {inter} WHERE ts > %(since)s AND weight >= %(thr)s),"
+            " pos AS (SELECT i.user_id, i.ts, i.item_id, it.cluster FROM {inter} i"
+            "  JOIN recent r ON r.user_id = i.user_id JOIN {items} it ON it.item_id = i.item_id"
+            "  WHERE i.weight >= %(thr)s),"
+            " seq AS (SELECT user_id, ts, item_id, cluster,"
+            "  lag(cluster) OVER (PARTITION BY user_id ORDER BY ts, item_id) AS prev FROM pos),"
+            " col AS (SELECT user_id, ts, item_id, cluster FROM seq WHERE prev IS DISTINCT FROM cluster),"
+            " tri AS (SELECT user_id, ts, cluster AS c_next, lag(cluster, 1) OVER w AS c2, lag(cluster, 2) OVER w AS c1"
+            "  FROM col WINDOW w AS (PARTITION BY user_id ORDER BY ts, item_id)),"
+            " ev AS (SELECT t.c1, t.c2, t.c_next, {bucket} < %(cut)s AS canary FROM tri t"
+            "  LEFT JOIN {users} ux ON ux.user_id = t.user_id"
+            "  WHERE t.ts > %(since)s AND t.c1 IS NOT NULL AND t.c_next <> t.c1)"
+            " SELECT count(*) FILTER (WHERE {ca}), count(*) FILTER (WHERE {ca} AND {chit}),"
+            " count(*) FILTER (WHERE {ba}), count(*) FILTER (WHERE {ba} AND {bhit}) FROM ev"
+        ).format(
+            inter=self._t(s, "interactions"),
+            items=self._t(s, "items"),
+            users=self._t(s, "user_ids"),
+            bucket=bucket,
+            ca=cand_arm,
+            ba=base_arm,
+            chit=hit(cand.table_version),
+            bhit=hit(base.table_version),
+        )
+        params = {
+            "since": int(a.started_at.timestamp()),
+            "thr": float(policy.spec.data.positive_threshold),
+            "cut": int(a.traffic_percent * BUCKETS // 100),
+        }
+        try:
+            with self._conn(policy) as conn:
+                row = conn.execute(q, params).fetchone()
+        except (StoreError, psycopg.Error) as exc:
+            msg = str(exc) if isinstance(exc, StoreError) else f"store error: {_pg_message(exc)}"
+            return dataclasses.replace(fig, error=msg[:500])
+        assert row is not None
+        return dataclasses.replace(
+            fig,
+            candidate_events=int(row[0]),
+            candidate_hits=int(row[1]),
+            baseline_events=int(row[2]),
+            baseline_hits=int(row[3]),
+        )
+
+    def record_analysis(self, policy: PolicyRef, release_id: str, verdict: str, figures: Mapping[str, Any]) -> None:
+        """Keep an analysis verdict and its figures with the release (gates.analysis)."""
+        q = sql.SQL(
+            "UPDATE {} SET gates = gates || jsonb_build_object('analysis', %s::jsonb) WHERE release_id = %s"
+        ).format(self._t(policy.schema, "releases"))
+        doc = {**figures, "verdict": verdict}
+        try:
+            with self._conn(policy) as conn:
+                conn.execute(q, (json.dumps(doc, default=str), release_id))
+        except psycopg.Error as exc:
+            raise StoreError(f"store error: {_pg_message(exc)}") from None
 
     # -- writes --------------------------------------------------------------------------------------------
 

@@ -40,7 +40,13 @@ def test_defaults_round_trip_in_camel_case() -> None:
     assert wire["fineTune"]["concurrencyPolicy"] == "Forbid"
     assert wire["fineTune"]["hyperparameters"]["learningRate"] == 2e-4
     assert wire["retrieval"]["refreshInterval"] == "6h"
-    assert wire["gates"] == {"minExactMatch": 0.9, "minRecall": 0.015, "maxRegression": 0.002, "promotion": "Automatic"}
+    assert wire["gates"] == {
+        "minExactMatch": 0.9,
+        "minRecall": 0.015,
+        "maxRegression": 0.002,
+        "promotion": "Automatic",
+        "analysis": None,
+    }
     assert wire["store"]["schema"] == ""
     assert wire["data"]["contextLength"] == 2
     assert api.PolicySpec.model_validate(wire) == spec

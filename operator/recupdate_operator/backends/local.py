@@ -72,6 +72,7 @@ class _Job:
     started: datetime
     ended: datetime | None = None
     log: Path | None = None
+    degraded: bool = False
 
 
 class LocalBackend:
@@ -89,6 +90,7 @@ class LocalBackend:
         serve: bool = True,
         command: Callable[[LaunchRun, Path], list[str]] | None = None,
         fail_runs: tuple[str, ...] = (),
+        worse_runs: tuple[str, ...] = (),
         stop_timeout: float = 30.0,
     ) -> None:
         self.dsn = dsn
@@ -102,6 +104,9 @@ class LocalBackend:
         # Fault injection for chaos tests and demos: runs whose id contains one of these get unpassable gates,
         # so the controller must reject their release and keep serving the last good one.
         self.fail_runs = fail_runs
+        # ...and runs whose id contains one of these pass their gates but publish a table whose clusters are
+        # shuffled: worse on live events, for the analysis (gates.analysis) to catch.
+        self.worse_runs = worse_runs
         self.stop_timeout = stop_timeout  # seconds a stopped job gets to exit on SIGTERM before SIGKILL
         self._served: dict[str, Any] | None = None
 
@@ -171,10 +176,40 @@ class LocalBackend:
             else:
                 job.ended = job.ended or self.clock()
                 dep, js = ("Complete", "SUCCEEDED") if rc == 0 else ("Complete", "FAILED")
+                if rc == 0 and not job.degraded and any(f in job.run_id for f in self.worse_runs):
+                    self._degrade(policy, job.run_id)
+                    job.degraded = True
             msg = "" if rc in (None, 0) else f"exit code {rc}; log {job.log}"
             out[job.name] = ObservedJob(job.name, job.kind, job.run_id, job.generation, dep, js, job.started,
                                         job.ended, msg)  # fmt: skip
         return list(out.values())
+
+    def _degrade(self, policy: PolicyRef, run_id: str) -> None:
+        """Chaos (worse_runs): map every cluster of the run's transition table through a fixed permutation."""
+        import random
+
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn, conn.transaction():
+                row = conn.execute(
+                    sql.SQL("SELECT table_version FROM {} WHERE run_id = %s ORDER BY created_at DESC LIMIT 1").format(
+                        sql.Identifier(policy.schema, "releases")
+                    ),
+                    (run_id,),
+                ).fetchone()
+                if row is None or row[0] is None:
+                    return
+                n = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(policy.schema, "clusters")))
+                count = int(n.fetchone()[0])  # type: ignore[index]
+                perm = list(range(count))
+                random.Random(run_id).shuffle(perm)
+                conn.execute(
+                    sql.SQL("UPDATE {} SET cluster = (%s::int[])[cluster + 1]").format(
+                        sql.Identifier(policy.schema, f"transitions_v{int(row[0])}")
+                    ),
+                    (perm,),
+                )
+        except psycopg.Error as exc:
+            raise BackendError(f"cannot degrade the table of {run_id}: {type(exc).__name__}") from None
 
     def _stored_runs(self, policy: PolicyRef) -> list[tuple[Any, ...]]:
         try:

@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes import client as k8s_client
 from pydantic import ValidationError
 
-from recupdate_workloads.contract.serve import release_keys
+from recupdate_workloads.contract.serve import canary_keys, release_keys
 from recupdate_workloads.contract.timefmt import parse_time
 
 from .. import metrics
@@ -42,6 +42,7 @@ from ..planner import (
     Plan,
     Policy,
     Promote,
+    RecordAnalysis,
     RecordRun,
     RegistryView,
     Reject,
@@ -316,6 +317,7 @@ class Controller:
             jobs = self._jobs(key)
             assert self.registry is not None
             view = self.registry.read(ref)  # claims the schema first: another policy's gives SpecValid=False
+            view = self.registry.with_analysis(ref, status_in, view)  # the running analysis's figures
             service = self._service(key)
             status_in = self._check_serving(key, entry, spec, status_in, service)
 
@@ -344,6 +346,7 @@ class Controller:
         metrics.set_staleness(key[0], key[1], p.status.active_release_evidence_at, now)
         metrics.set_change(key[0], key[1], p.status.last_change)
         metrics.set_drift(key[0], key[1], p.status.last_drift)
+        metrics.set_analysis(key[0], key[1], p.status.analysis)
         with entry.lock:
             entry.failures, entry.last_error = 0, None
         return self._delay(p, now, entry)
@@ -401,6 +404,8 @@ class Controller:
                 metrics.PROMOTIONS.labels("Rollback").inc()
             elif isinstance(action, Reject):
                 metrics.REJECTIONS.inc()
+            elif isinstance(action, RecordAnalysis):
+                metrics.ANALYSIS_VERDICTS.labels(key[1], action.verdict).inc()
             elif isinstance(action, RollServe):
                 with entry.lock:
                     entry.served_at = self.clock()
@@ -429,10 +434,13 @@ class Controller:
         if active is None or active.release_id != p.status.served_release:
             return
         assert self.backend is not None
-        self.backend.ensure_serving(
-            ref,
-            release_keys(active.release_id, active.adapter_uri, active.table_version, ref.schema),
-        )
+        user_config = release_keys(active.release_id, active.adapter_uri, active.table_version, ref.schema)
+        a, canary = p.status.analysis, view.release(p.status.served_canary or "")
+        if canary is not None and a is not None and a.release_id == canary.release_id:  # a canary keeps running
+            user_config["canary"] = canary_keys(
+                canary.release_id, canary.adapter_uri, canary.table_version, a.traffic_percent
+            )
+        self.backend.ensure_serving(ref, user_config)
         with entry.lock:
             entry.served_at = self.clock()
 

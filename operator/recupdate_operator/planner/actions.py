@@ -75,9 +75,19 @@ class Rollback:
 
 
 @dataclass(frozen=True)
+class RecordAnalysis:
+    """Write an analysis verdict and its figures into the release's gates (gates.analysis), for the record."""
+
+    release_id: str
+    verdict: str
+    figures: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class RollServe:
     """Create or update the owned RayService so Serve's user_config is `user_config`
-    ({release_id, adapter_uri, table_version, store_schema}); a reconfigure, not a redeploy."""
+    ({release_id, adapter_uri, table_version, store_schema}, and `canary` during a canary analysis); a
+    reconfigure, not a redeploy."""
 
     release_id: str
     user_config: Mapping[str, Any]
@@ -106,7 +116,19 @@ class Event:
     message: str
 
 
-Action = LaunchRun | DeleteJob | RecordRun | Promote | Reject | Rollback | RollServe | StopServe | PruneReleases | Event
+Action = (
+    LaunchRun
+    | DeleteJob
+    | RecordRun
+    | Promote
+    | Reject
+    | Rollback
+    | RecordAnalysis
+    | RollServe
+    | StopServe
+    | PruneReleases
+    | Event
+)
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,17 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from recupdate_workloads.contract.drift import DriftRule, drift_fire
-from recupdate_workloads.contract.serve import release_keys
+from recupdate_workloads.contract.serve import canary_keys, release_keys
 from recupdate_workloads.contract.timefmt import iso
 
 from .. import schedule
 from ..api import (
     ANNOTATION_APPROVE,
     ANNOTATION_ROLLBACK,
+    AnalysisMode,
+    AnalysisPhase,
+    AnalysisSpec,
+    AnalysisStatus,
     ChangeStatus,
     ConcurrencyPolicy,
     ConditionStatus,
@@ -53,6 +57,7 @@ from .actions import (
     Plan,
     Promote,
     PruneReleases,
+    RecordAnalysis,
     RecordRun,
     Reject,
     Rollback,
@@ -469,6 +474,7 @@ class _Planner:
             (r for r in self.registry.releases if r.state == "candidate" and r.release_id not in touched),
             key=lambda r: (r.created_at or self.now, r.release_id),
         )
+        self._cancel_stale_analysis(active, {c.release_id for c in candidates}, touched)
         running = {r.run_id for r in self.s.active_runs}
         passing: list[tuple[ReleaseView, str]] = []  # (release, why it is held; "" if promotable)
         for c in candidates:
@@ -484,17 +490,28 @@ class _Planner:
 
         promotable = [c for c, held in passing if not held]
         promoted = promotable[-1] if promotable else None
+        analysed: dict[str, str] = {}  # release id -> why analysis holds it ("rejected": aborted)
+        if promoted is not None:
+            outcome = self._analyze(promoted, active)
+            if outcome:
+                analysed[promoted.release_id] = outcome
+                promoted = None
+        a = self.s.analysis
+        if a is not None and a.phase == AnalysisPhase.RUNNING and a.release_id not in analysed:
+            self._end_analysis(AnalysisPhase.CANCELLED, "its candidate is no longer the one to promote automatically")
         if promoted is not None:
             self.actions.append(Promote(promoted.release_id, "Automatic"))
-            self.event("Normal", "Promoted", f"release {promoted.release_id} passed its gates and was promoted")
+            after = " and its analysis" if self.s.analysis and self.s.analysis.release_id == promoted.release_id else ""
+            self.event("Normal", "Promoted", f"release {promoted.release_id} passed its gates{after} and was promoted")
             active = _Release.of(promoted, activated_at=self.now)
 
         # A candidate older than the active release can only turn the clock back: superseded. (After a
         # rollback the active release is old, so newer candidates stay, held by _hold_reason.)
         held: list[tuple[ReleaseView, str]] = []
         for c, why in passing:
-            if c is promoted:
+            if c is promoted or analysed.get(c.release_id) == _REJECTED:
                 continue
+            why = analysed.get(c.release_id, why)
             if active is not None and _after(active.created_at, c.created_at) and c.created_at is not None:
                 reason = f"superseded by {active.id}"
                 self.actions.append(Reject(c.release_id, (reason,)))
@@ -509,6 +526,131 @@ class _Planner:
             self.s.candidate_release = newest_held[0].release_id
             self.event("Normal", "CandidateHeld", f"release {newest_held[0].release_id}: {newest_held[1]}")
         return active
+
+    # -- 2b. analysis on live events (gates.analysis; docs/analysis.md) --------------------------------------
+
+    def _analyze(self, c: ReleaseView, active: _Release | None) -> str:
+        """Whether the analysis lets candidate `c` be promoted now: "" (promote), _REJECTED (aborted: rejected
+        here), or why it is held (in analysis, or inconclusive). Without gates.analysis, or without an
+        active release to compare with (the first release), "" at once."""
+        spec = self.spec.gates.analysis
+        if spec is None or active is None:
+            return ""
+        cur = self.s.analysis
+        if cur is not None and cur.release_id == c.release_id and cur.baseline_release == active.id:
+            if cur.phase == AnalysisPhase.RUNNING:
+                return self._measure(cur, c, spec)
+            if cur.phase == AnalysisPhase.PROMOTED:
+                return ""  # decided before; the promotion did not get applied: promote again
+            if cur.phase == AnalysisPhase.ABORTED:
+                self.actions.append(Reject(c.release_id, (cur.message,)))
+                return _REJECTED
+            if cur.phase == AnalysisPhase.INCONCLUSIVE:
+                return f"analysis inconclusive ({cur.message}); approve to promote"
+            # Cancelled (e.g. superseded by a newer candidate that has gone since): analyse it afresh.
+        if cur is not None and cur.phase == AnalysisPhase.RUNNING:
+            self._end_analysis(AnalysisPhase.CANCELLED, f"superseded by the newer candidate {c.release_id}")
+        duration = parse_duration(spec.duration)
+        self.s.analysis = AnalysisStatus(
+            release_id=c.release_id,
+            baseline_release=active.id,
+            mode=spec.mode,
+            traffic_percent=spec.traffic_percent if spec.mode == AnalysisMode.CANARY else 0,
+            started_at=self.now,
+            ends_at=self.now + duration,
+        )
+        what = f"{spec.mode.value}" + (
+            f", {spec.traffic_percent}% of users" if spec.mode == AnalysisMode.CANARY else ""
+        )
+        self.event(
+            "Normal",
+            "AnalysisStarted",
+            f"release {c.release_id} passed its gates; analysing it against {active.id} on live events "
+            f"({what}) until {iso(self.now + duration)}",
+        )
+        self.wake.append(self.now + _poll(duration))
+        return f"in analysis until {iso(self.now + duration)}"
+
+    def _measure(self, cur: AnalysisStatus, c: ReleaseView, spec: AnalysisSpec) -> str:
+        fig = self.registry.analysis
+        if fig is not None and (fig.release_id, fig.baseline_release) == (cur.release_id, cur.baseline_release):
+            if fig.error:
+                cur = cur.model_copy(update={"message": f"measure failed: {fig.error}"[:4096]})
+            else:
+                cur = cur.model_copy(
+                    update={
+                        "candidate_events": fig.candidate_events,
+                        "baseline_events": fig.baseline_events,
+                        "candidate_hit_rate": fig.candidate_hit_rate,
+                        "baseline_hit_rate": fig.baseline_hit_rate,
+                        "measured_at": self.now,
+                    }
+                )
+                cur = cur.model_copy(update={"message": _figures(cur, spec)})
+        self.s.analysis = cur
+        enough = cur.candidate_events >= spec.min_events and cur.baseline_events >= spec.min_events
+        drop = (cur.baseline_hit_rate or 0.0) - (cur.candidate_hit_rate or 0.0)
+        # Like an Argo Rollouts analysis with failureLimit 0: the first conclusive failure aborts at once, while
+        # a pass needs the whole window (an early pass would be decided on whichever hour came first).
+        if enough and drop > spec.max_regression:
+            reason = f"analysis: {cur.message}"
+            self._end_analysis(AnalysisPhase.ABORTED, cur.message)
+            self.actions.append(Reject(c.release_id, (reason,)))
+            return _REJECTED
+        ends_at = cur.ends_at or self.now
+        if self.now >= ends_at:
+            if enough:
+                self._end_analysis(AnalysisPhase.PROMOTED, cur.message)
+                return ""
+            why = (
+                f"only {min(cur.candidate_events, cur.baseline_events)} of {spec.min_events} events by the end of "
+                f"its window" + (f" ({cur.message})" if cur.message and not cur.measured_at else "")
+            )
+            self._end_analysis(AnalysisPhase.INCONCLUSIVE, why)
+            return f"analysis inconclusive ({why}); approve to promote"
+        self.wake.append(min(ends_at, self.now + _poll(parse_duration(spec.duration))))
+        return f"in analysis until {iso(ends_at)}"
+
+    def _end_analysis(self, phase: AnalysisPhase, message: str) -> None:
+        """Give the running analysis its verdict: status, an Event and the record in the release's gates."""
+        cur = self.s.analysis
+        assert cur is not None
+        cur = cur.model_copy(update={"phase": phase, "finished_at": self.now, "message": message[:4096]})
+        self.s.analysis = cur
+        figures = cur.model_dump(mode="json", by_alias=True, exclude={"release_id"})
+        self.actions.append(RecordAnalysis(cur.release_id, phase.value, figures))
+        warn = phase in (AnalysisPhase.ABORTED, AnalysisPhase.INCONCLUSIVE)
+        self.event(
+            "Warning" if warn else "Normal",
+            f"Analysis{phase.value}",
+            f"release {cur.release_id} against {cur.baseline_release}: {message}",
+        )
+
+    def _cancel_stale_analysis(self, active: _Release | None, candidates: set[str], touched: set[str]) -> None:
+        """End a running analysis whose question is gone: its candidate was approved, rejected or pruned, or the
+        release it is compared with is no longer active (a rollback or an approval)."""
+        cur = self.s.analysis
+        if cur is None or cur.phase != AnalysisPhase.RUNNING:
+            return
+        if cur.release_id in touched:
+            why = "promoted by approval"
+        elif cur.release_id not in candidates:
+            why = "no longer a candidate"
+        elif active is None or active.id != cur.baseline_release:
+            why = f"the active release is now {active.id if active else 'none'}, not {cur.baseline_release}"
+        elif self.spec.gates.analysis is None:
+            why = "gates.analysis was removed from the spec"
+        else:
+            return
+        self._end_analysis(AnalysisPhase.CANCELLED, why)
+
+    def _canary(self) -> ReleaseView | None:
+        """The candidate Serve should also carry for a canary share of users, while a Canary analysis runs."""
+        cur = self.s.analysis
+        if cur is None or cur.phase != AnalysisPhase.RUNNING or cur.mode != AnalysisMode.CANARY:
+            return None
+        c = self.registry.release(cur.release_id)
+        return c if c is not None and c.state == "candidate" else None
 
     def _producer(self, release: ReleaseView) -> str:
         """The run that produced a release: its run_id, else the run linked to it, else a run of that name."""
@@ -547,13 +689,25 @@ class _Planner:
                 self.event("Normal", "ServeStopped", "serving.enabled is false")
                 self.s.served_release = None
             return
-        if active is not None and self.s.served_release != active.id:
-            user_config = release_keys(
-                active.id, active.adapter_uri, active.table_version, schema_name(self.policy.name, self.spec)
-            )
+        canary = self._canary() if active is not None else None
+        canary_id = canary.release_id if canary is not None else None
+        if active is not None and (self.s.served_release != active.id or self.s.served_canary != canary_id):
+            schema = schema_name(self.policy.name, self.spec)
+            user_config = release_keys(active.id, active.adapter_uri, active.table_version, schema)
+            if canary is not None:
+                percent = self.s.analysis.traffic_percent if self.s.analysis else 0
+                user_config["canary"] = canary_keys(
+                    canary.release_id, canary.adapter_uri, canary.table_version, percent
+                )
             self.actions.append(RollServe(active.id, user_config))
-            self.event("Normal", "ServeUpdated", f"serving release {active.id}")
+            if self.s.served_release != active.id:
+                self.event("Normal", "ServeUpdated", f"serving release {active.id}")
+            if canary_id is not None and self.s.served_canary != canary_id:
+                self.event("Normal", "CanaryStarted", f"release {canary_id} answers {percent}% of users")
+            elif canary_id is None and self.s.served_canary is not None:
+                self.event("Normal", "CanaryStopped", f"release {self.s.served_canary} no longer serves users")
             self.s.served_release = active.id
+            self.s.served_canary = canary_id
 
     def _prune_releases(self, keep: set[str]) -> None:
         # Count the release this plan retires (the active one, when another takes over) as retired already.
@@ -792,6 +946,7 @@ class _Planner:
             self.s.active_release_evidence_at = active.evidence_at if active else None
             self._ready_and_fresh(active)
             self._degraded()
+        self._analyzing_condition()
         for kind, ctype in ((RunKind.FINETUNE, C.FINE_TUNING), (RunKind.REFRESH, C.REFRESHING)):
             runs = self.active(kind)
             if runs:
@@ -800,6 +955,20 @@ class _Planner:
             reason = self.waiting.get(kind, "Idle")
             nxt = self.s.next_fine_tune_at if kind == RunKind.FINETUNE else self.s.next_refresh_at
             self.condition(ctype, False, reason, f"next at {_fmt(nxt)}" if nxt else "")
+
+    def _analyzing_condition(self) -> None:
+        a = self.s.analysis
+        if a is not None and a.phase == AnalysisPhase.RUNNING:
+            msg = f"release {a.release_id} against {a.baseline_release} until {_fmt(a.ends_at)}"
+            self.condition(ConditionType.ANALYZING, True, a.mode.value, msg + (f": {a.message}" if a.message else ""))
+        elif self.spec.gates.analysis is None:
+            # Policies without analysis get the condition only once they had one (conditions stay as they were).
+            if get_condition(self.s.conditions, ConditionType.ANALYZING) is not None:
+                self.condition(ConditionType.ANALYZING, False, "NotConfigured", "")
+        elif a is None:
+            self.condition(ConditionType.ANALYZING, False, "Idle", "")
+        else:
+            self.condition(ConditionType.ANALYZING, False, a.phase.value, f"release {a.release_id}: {a.message}")
 
     def _ready_and_fresh(self, active: _Release | None) -> None:
         C = ConditionType
@@ -855,6 +1024,26 @@ class _Release:
 
 def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
     return min(a, b) if a is not None and b is not None else a or b
+
+
+_REJECTED = "rejected"
+
+
+def _poll(duration: timedelta) -> timedelta:
+    """How often a running analysis is measured: 20 times over its window, at most every 30 s (so an abort
+    comes within 5% of the window of the events that decide it)."""
+    return max(duration / 20, timedelta(seconds=30))
+
+
+def _figures(a: AnalysisStatus, spec: AnalysisSpec) -> str:
+    def rate(r: float | None) -> str:
+        return f"{r:.4f}" if r is not None else "-"
+
+    return (
+        f"HR@5 {rate(a.candidate_hit_rate)} over {a.candidate_events} events vs the active "
+        f"{rate(a.baseline_hit_rate)} over {a.baseline_events} (max regression {spec.max_regression:g}, "
+        f"min events {spec.min_events})"
+    )
 
 
 def _after(a: datetime | None, b: datetime | None) -> bool:

@@ -128,6 +128,29 @@ def owner_conflict(owner: SchemaOwner | None, namespace: str, name: str, schema:
 
 
 @dataclass(frozen=True)
+class AnalysisFigures:
+    """The store's measure of an analysis (status.analysis): HR@5 of each table on the events after
+    `since` (Shadow: both tables on every event; Canary: each arm with the table that served it). error: the
+    measure failed (the analysis goes on; the next reconcile measures again)."""
+
+    release_id: str
+    baseline_release: str
+    candidate_events: int = 0
+    candidate_hits: int = 0
+    baseline_events: int = 0
+    baseline_hits: int = 0
+    error: str | None = None
+
+    @property
+    def candidate_hit_rate(self) -> float | None:
+        return self.candidate_hits / self.candidate_events if self.candidate_events else None
+
+    @property
+    def baseline_hit_rate(self) -> float | None:
+        return self.baseline_hits / self.baseline_events if self.baseline_events else None
+
+
+@dataclass(frozen=True)
 class RegistryView:
     """What the store says. error is set (and the rest empty) when the store could not be read. owner: who
     owns the schema (None: not known, e.g. no claim was made); a policy that is not the owner gets no plan."""
@@ -136,6 +159,7 @@ class RegistryView:
     releases: Sequence[ReleaseView] = ()
     error: str | None = None
     owner: SchemaOwner | None = None
+    analysis: AnalysisFigures | None = None  # measured for status.analysis while it runs
 
     def run(self, run_id: str) -> RunView | None:
         return next((r for r in self.runs if r.run_id == run_id), None)

@@ -31,6 +31,18 @@ ROUTE_PREFIX = "/"
 DEFAULT_MAX_ONGOING_REQUESTS = 64
 
 
+class CanaryConfig(BaseModel):
+    """A candidate that answers a share of users beside the served release, during a canary analysis
+    (docs/analysis.md): users whose contract.analysis.canary_bucket is below ``percent`` of the buckets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    release_id: str = Field(min_length=1, description="The candidate release.")
+    adapter_uri: str | None = Field(None, description="Its adapter directory; None: no online generation.")
+    table_version: int = Field(ge=0, description="Its transition table version.")
+    percent: float = Field(gt=0, le=100, description="The share of users (by the hash of user_id) it answers.")
+
+
 class UserConfig(BaseModel):
     """A release's Serve ``user_config``: which release to serve, plus optional tuning knobs."""
 
@@ -47,6 +59,9 @@ class UserConfig(BaseModel):
     evidence_timeout_ms: float = Field(200.0, ge=0, le=60_000, description="Time limit of a fresh evidence lookup.")
     background_swap: bool = Field(
         False, description="Load in the background and return from reconfigure() at once (for single replicas)."
+    )
+    canary: CanaryConfig | None = Field(
+        None, description="A candidate also loaded by every replica, answering a canary share of users."
     )
 
     def same_release(self, other: UserConfig) -> bool:
@@ -67,7 +82,7 @@ def user_config(
     **extra: Any,
 ) -> dict[str, Any]:
     """A release's user_config as Serve receives it: the contract keys first, then the optional knobs that
-    are set (``dsn_env``, ``online_timeout_ms``, ``evidence_timeout_ms``, ``background_swap``)."""
+    are set (``dsn_env``, ``online_timeout_ms``, ``evidence_timeout_ms``, ``background_swap``, ``canary``)."""
     unknown = set(extra) - set(OPTIONAL_USER_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"unknown user_config keys: {sorted(unknown)}")
@@ -91,6 +106,12 @@ def release_keys(release_id: str, adapter_uri: str | None, table_version: Any, s
         "table_version": table_version,
         "store_schema": store_schema,
     }
+
+
+def canary_keys(release_id: str, adapter_uri: str | None, table_version: Any, percent: float) -> dict[str, Any]:
+    """The ``canary`` entry of a user_config (CanaryConfig) as the controller builds it; not validated here,
+    as release_keys."""
+    return {"release_id": release_id, "adapter_uri": adapter_uri, "table_version": table_version, "percent": percent}
 
 
 def normalize_user_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -316,6 +316,22 @@ def rank_online(bundle: Loaded, c1: int, c2: int, evidence: PairEvidence | None)
     return tuple((int(c), float(s)) for c, s in zip(ids[0], scores[0], strict=True) if c not in (c1, c2))
 
 
+def canary_config(cfg: UserConfig) -> UserConfig | None:
+    """The second slot of a replica: the UserConfig of the canary candidate in ``cfg`` (its own release id,
+    table and adapter; the schema, DSN and knobs of the served release), or None without a canary."""
+    c = cfg.canary
+    if c is None:
+        return None
+    return cfg.model_copy(
+        update={
+            "release_id": c.release_id,
+            "adapter_uri": c.adapter_uri,
+            "table_version": c.table_version,
+            "canary": None,
+        }
+    )
+
+
 def load_release(cfg: UserConfig, environ: Mapping[str, str] | None = None) -> Loaded:
     """Build a bundle from the store (blocking: run it in a thread). Raises on anything that makes the
     release unservable: no DSN, no catalogue, an unpublished table, a table naming unknown clusters, an

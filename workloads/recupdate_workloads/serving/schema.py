@@ -58,7 +58,12 @@ class RecommendRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    user_id: str | None = Field(None, max_length=256, description="Optional caller-side user id; not used for ranking.")
+    user_id: str | None = Field(
+        None,
+        max_length=256,
+        description="Optional caller-side user id (the id the interactions carry); not used for ranking. During a "
+        "canary analysis a stable hash of it picks the release that answers (the response's `release`).",
+    )
     recent_clusters: list[ClusterRef] = Field(
         max_length=MAX_RECENT,
         description=(

@@ -18,12 +18,20 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from recupdate_workloads.contract.analysis import in_canary
 from recupdate_workloads.contract.redact import redact, redact_logs
 from recupdate_workloads.contract.serve import UserConfig
 from recupdate_workloads.data.types import PairEvidence
 from recupdate_workloads.serving.intake import Intake
 from recupdate_workloads.serving.metrics import ServingMetrics, gauge_refresh_s
-from recupdate_workloads.serving.release import Loaded, _bounded_put, last_two_distinct, load_release, rank_online
+from recupdate_workloads.serving.release import (
+    Loaded,
+    _bounded_put,
+    canary_config,
+    last_two_distinct,
+    load_release,
+    rank_online,
+)
 from recupdate_workloads.serving.schema import RecommendRequest, UnknownClusters
 
 log = logging.getLogger("recupdate.serving")
@@ -64,6 +72,9 @@ class RecommenderService:
     ) -> None:
         self.loaded: Loaded | None = None
         self.metrics = metrics or ServingMetrics()
+        # The second slot: a canary candidate and the percentage of users it answers (docs/analysis.md). Set
+        # together with `loaded`, in one step of the event loop, so a request never sees half a rollout.
+        self.canary: tuple[Loaded, float] | None = None
         self.loader: Loader = loader or (lambda cfg: load_release(cfg))
         self.rank_fn = rank_fn
         self.last_error: str | None = None
@@ -128,6 +139,8 @@ class RecommenderService:
             self.last_attempt_at = time.time()
             self.reconfigures += 1
             old = self.loaded
+            old_canary = self.canary[0] if self.canary is not None else None
+            new_canary: Loaded | None = None
             self.loading = str(user_config.get("release_id"))
             try:
                 cfg = UserConfig.model_validate(user_config)
@@ -139,6 +152,20 @@ class RecommenderService:
                 else:
                     with _short_gil_slices():  # requests keep being answered while the loader thread runs
                         new = await asyncio.to_thread(self.loader, cfg)
+                # The canary slot: loaded beside the served release, or kept when it is the same candidate. A
+                # candidate that fails to load fails the whole reconfigure (retried), so the canary arm is only
+                # ever answered by the candidate it is scored as.
+                ccfg = canary_config(cfg)
+                if ccfg is not None and old_canary is not None and old_canary.config.same_release(ccfg):
+                    new_canary = replace(old_canary, config=ccfg)
+                elif ccfg is not None:
+                    try:
+                        with _short_gil_slices():
+                            new_canary = await asyncio.to_thread(self.loader, ccfg)
+                    except BaseException:
+                        if new is not old and new.store is not (old.store if old else None):
+                            new.close()
+                        raise
             except Exception as exc:
                 error = redact(f"{type(exc).__name__}: {exc}")  # shown by /release, /healthz and logs
                 if gen == self._generation:
@@ -157,15 +184,22 @@ class RecommenderService:
             if gen != self._generation:  # a newer reconfigure arrived during the load: drop this one
                 if new.store is not (old.store if old else None):
                     new.close()
+                if new_canary is not None and new_canary.store is not (old_canary.store if old_canary else None):
+                    new_canary.close()
                 return False
-            self.loaded = new  # the swap: one reference assignment
+            # The swap: two assignments with no await between them, so no request sees one without the other.
+            self.loaded = new
+            self.canary = (new_canary, float(cfg.canary.percent)) if new_canary is not None and cfg.canary else None
             self.last_error = None
+            loop = asyncio.get_running_loop()
             self.metrics.served(new.config.table_version, new.load_seconds)
             if self._gauges is None:
-                self._gauges = asyncio.get_running_loop().create_task(self._keep_gauges())
+                self._gauges = loop.create_task(self._keep_gauges())
             if old is not None and old is not new and old.store is not new.store:
                 # Requests in flight hold their own reference; the old bundle's memory goes with the last one.
-                asyncio.get_running_loop().call_later(30.0, old.close)
+                loop.call_later(30.0, old.close)
+            if old_canary is not None and (new_canary is None or old_canary.store is not new_canary.store):
+                loop.call_later(30.0, old_canary.close)
             log.info(
                 "serving release %s (table v%s, adapter %s) loaded in %.2fs",
                 new.release_id,
@@ -210,20 +244,37 @@ class RecommenderService:
             "reconfigures": self.reconfigures,
             "replica": self._replica,
             "served": self.metrics.snapshot(),
+            "canary": (
+                {
+                    "release_id": self.canary[0].release_id,
+                    "table_version": self.canary[0].config.table_version,
+                    "percent": self.canary[1],
+                }
+                if self.canary is not None
+                else None
+            ),
         }
         return info
 
     # -- requests --
 
-    def _bundle(self) -> Loaded:
-        b = self.loaded
+    def bundle_for(self, user_id: str | None) -> Loaded | None:
+        """The bundle that answers this user: the canary candidate for the users its hash selects
+        (contract.analysis.in_canary, the split the operator scores by), else the served release."""
+        b, canary = self.loaded, self.canary
+        if canary is not None and in_canary(user_id, canary[1]):
+            return canary[0]
+        return b
+
+    def _bundle(self, user_id: str | None = None) -> Loaded:
+        b = self.bundle_for(user_id)
         if b is None:
             raise HTTPException(503, detail=f"no release loaded yet ({self.last_error or 'loading'})")
         return b
 
     async def recommend(self, req: RecommendRequest) -> bytes:
         """One context's answer, as /recommend's body."""
-        b = self._bundle()  # read once: everything below uses this bundle only
+        b = self._bundle(req.user_id)  # read once: everything below uses this bundle only
         ctx = last_two_distinct(b.resolve(req.recent_clusters))
         quick = self._quick(b, ctx, req.n)
         body, outcome = quick if quick is not None else await self._slow(b, ctx, req.n)
@@ -233,7 +284,8 @@ class RecommenderService:
     async def recommend_batch(self, reqs: list[RecommendRequest]) -> bytes:
         """Many contexts from one bundle: ``{"results": [...], "release": ...}``, each result the body
         /recommend answers for that context. Every item is resolved first, so one bad item fails the batch
-        with errors naming each bad item; misses are answered concurrently."""
+        with errors naming each bad item; misses are answered concurrently. A batch is one release's answer:
+        the served one, also during a canary (which splits single requests by user; docs/analysis.md)."""
         b = self._bundle()
         ctxs: list[list[int]] = []
         errors: list[dict[str, Any]] = []
@@ -331,5 +383,7 @@ class RecommenderService:
                 task.cancel()
         self._model_pool.shutdown(wait=False, cancel_futures=True)
         self._io_pool.shutdown(wait=False, cancel_futures=True)
+        if self.canary is not None:
+            self.canary[0].close()
         if self.intake is not None:
             self.intake.close()
