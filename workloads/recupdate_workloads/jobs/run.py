@@ -121,9 +121,14 @@ def _evaluate(
     _, recent = load_triples(store, cfg.holdout_start - cfg.retrieval_window, cfg.holdout_start, cfg.positive_threshold)
     evidence = evidence_mem.evidence_of(recent, len(catalogue), cfg.top_successors, cfg.min_support)
     pairs = np.unique(np.stack([test.c1, test.c2], axis=1), axis=0) if len(test) else np.zeros((0, 2), np.int32)
-    ids, _ = predictor.rank(pairs[:, 0], pairs[:, 1], evidence, 5)
+    # The served ranking (blended when retrieval.blend > 0) and the LLM's alone, from one forward pass: a
+    # blend must never hide a model that ignores its prompt.
+    (llm_ids, _), (ids, _) = predictor.rank_blends(pairs[:, 0], pairs[:, 1], evidence, 5, (0.0, cfg.blend))
+    llm_table = {(int(a), int(b)): row.tolist() for (a, b), row in zip(pairs, llm_ids, strict=True)}
     table = {(int(a), int(b)): row.tolist() for (a, b), row in zip(pairs, ids, strict=True)}
     cand = hits(lookup_predictions(table, test), test.c_next)
+    llm_pred = lookup_predictions(llm_table, test)
+    llm_hits = hits(llm_pred, test.c_next)
     active_hits = None
     active = reg.get_release(store, cfg.active_release) if cfg.active_release else reg.active_release(store)
     if active is not None and active.table_version is not None:
@@ -137,6 +142,9 @@ def _evaluate(
         "recall@5": float(cand.mean()) if len(cand) else 0.0,
         "heldOutTriples": len(test),
         "hr1": float(top1.mean()) if len(test) else 0.0,
+        "blend": cfg.blend,
+        "recall@5Llm": float(llm_hits.mean()) if len(llm_hits) else 0.0,
+        "hr1Llm": float((llm_pred[:, 0] == test.c_next).mean()) if len(test) else 0.0,
     }
     return metrics, verdict
 
@@ -157,7 +165,7 @@ def _candidate(
     metrics, verdict = _evaluate(store, cfg, predictor, catalogue)
     snap = refresh_snapshot(store, cfg, cfg.window_end, catalogue)
     evidence = ev.load_evidence(store, snap.snapshot_id)
-    m = materialize(predictor, evidence, TABLE_TOP_N)
+    m = materialize(predictor, evidence, TABLE_TOP_N, blend=cfg.blend)
     version = publish(store, m, snap.snapshot_id, adapter_uri)
     metrics |= {
         "pairs": len(m.c1),

@@ -57,8 +57,12 @@ class LLMStrategy:
         with_evidence: bool,
         executor: str,
         epochs: float,
+        blend: float = 0.0,
     ) -> None:
         self.name = name
+        self.blend = blend
+        # Reported as two rows when blending: the model alone, and blended with the evidence's shares.
+        self.variants: tuple[str, ...] = (name, f"{name}+blend{blend:g}") if blend > 0 else (name,)
         self.shared = shared
         self.workdir = workdir
         self.finetune_every = finetune_every  # None: only once, at the start
@@ -121,15 +125,22 @@ class LLMStrategy:
         if self.with_evidence:
             self.evidence = ctx.evidence(ctx.boundary - cfg.window, ctx.boundary)
             ctx.extra_cost["refreshes"] = 1.0
+        elif self.blend > 0:  # not in the prompt: only blended into the ranking of the +blend row
+            self.evidence = ctx.evidence(ctx.boundary - cfg.window, ctx.boundary)
 
     def predict(self, c1: np.ndarray, c2: np.ndarray, n: int) -> np.ndarray:
+        return self.predict_variants(c1, c2, n)[self.name]
+
+    def predict_variants(self, c1: np.ndarray, c2: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        """The top-n of each row (``variants``): the model alone, and blended, from one forward pass."""
         assert self.predictor is not None, "update() first"
         if len(c1) == 0:
-            return np.zeros((0, n), np.int32)
+            return {v: np.zeros((0, n), np.int32) for v in self.variants}
         pairs, inverse = np.unique(np.stack([c1, c2], axis=1), axis=0, return_inverse=True)
-        ids, _ = self.predictor.rank(pairs[:, 0], pairs[:, 1], self.evidence, n)
+        blends = (0.0, self.blend)[: len(self.variants)]
+        ranked = self.predictor.rank_blends(pairs[:, 0], pairs[:, 1], self.evidence, n, blends)
         self.exact.append(self.predictor.exact_match(pairs[:, 0], pairs[:, 1], self.evidence, sample=128))
-        return ids[inverse.reshape(-1)]
+        return {v: ids[inverse.reshape(-1)] for v, (ids, _) in zip(self.variants, ranked, strict=True)}
 
 
 _SHARED: dict[str, _Shared] = {}
@@ -145,10 +156,11 @@ def build(name: str, args: argparse.Namespace, workdir: Path, store: Any) -> LLM
     shared = _SHARED.setdefault(key, _Shared(workdir, getattr(args, "model_size", "small"), boot_epochs))
     epochs = getattr(args, "epochs", None) or 2.0
     executor = getattr(args, "executor", "ray")
+    blend = float(getattr(args, "blend", 0.0) or 0.0)
     if name == "finetune":
-        return LLMStrategy("finetune", shared, workdir, 1, False, executor, epochs)
+        return LLMStrategy("finetune", shared, workdir, 1, False, executor, epochs, blend)
     if name == "rag":
-        return LLMStrategy("rag", shared, workdir, None, True, executor, epochs)
+        return LLMStrategy("rag", shared, workdir, None, True, executor, epochs, blend)
     if name == "hybrid":
-        return LLMStrategy("hybrid", shared, workdir, max(1, args.finetune_every), True, executor, epochs)
+        return LLMStrategy("hybrid", shared, workdir, max(1, args.finetune_every), True, executor, epochs, blend)
     raise ValueError(f"unknown LLM strategy {name}")
