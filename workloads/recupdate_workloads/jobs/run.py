@@ -27,9 +27,10 @@ from recupdate_workloads.data import evidence as evidence_mem
 from recupdate_workloads.data.errors import DataError
 from recupdate_workloads.data.sequences import triples as to_triples
 from recupdate_workloads.data.types import Catalogue, Triples
+from recupdate_workloads.jobs.change import table_change
 from recupdate_workloads.jobs.config import RunConfig
 from recupdate_workloads.jobs.gates import GateThresholds, gates, hits, lookup_predictions
-from recupdate_workloads.jobs.materialize import materialize, publish
+from recupdate_workloads.jobs.materialize import Materialized, materialize, publish
 from recupdate_workloads.model.predictor import Predictor, local_path
 from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store import evidence as ev
@@ -82,10 +83,10 @@ def refresh_snapshot(store: Store, cfg: RunConfig, end: int, catalogue: Catalogu
 
 
 def evidence_as_of(history: Triples, cfg: RunConfig, catalogue: Catalogue) -> evidence_mem.Lookup:
-    """Each example's evidence as of its own time: what a refresh every quarter window would have published."""
-    step = max(cfg.retrieval_window // 4, 3600)
+    """Each example's evidence as of its own time, refreshed often (``data.evidence.training_evidence``: with a
+    refresh per quarter window the model learnt to memorise pairs instead of reading their evidence)."""
     n = len(catalogue)
-    return evidence_mem.as_of(history, n, cfg.retrieval_window, step, cfg.top_successors, cfg.min_support)
+    return evidence_mem.training_evidence(history, n, cfg.retrieval_window, cfg.top_successors, cfg.min_support)
 
 
 def _artifacts(cfg: RunConfig) -> Path:
@@ -167,6 +168,7 @@ def _candidate(
     evidence = ev.load_evidence(store, snap.snapshot_id)
     m = materialize(predictor, evidence, TABLE_TOP_N, blend=cfg.blend)
     version = publish(store, m, snap.snapshot_id, adapter_uri)
+    metrics |= _change_against_parent(store, cfg, m)
     metrics |= {
         "pairs": len(m.c1),
         "materializePairsPerSecond": round(m.pairs_per_second, 1),
@@ -189,6 +191,18 @@ def _candidate(
     )
     reg.register_release(store, rel)
     return rel
+
+
+def _change_against_parent(store: Store, cfg: RunConfig, m: Materialized) -> dict[str, Any]:
+    """The new table against the active release's (its parent): for a refresh, its ``ragChange``
+    (jobs/change.py); nothing when there is no parent table yet."""
+    parent = reg.get_release(store, cfg.active_release) if cfg.active_release else reg.active_release(store)
+    if parent is None or parent.table_version is None:
+        return {}
+    old = {k: [c for c, _, _ in v] for k, v in tables.load_table(store, parent.table_version).as_dict().items()}
+    new = {(int(a), int(b)): row.tolist() for a, b, row in zip(m.c1, m.c2, m.ids, strict=True)}
+    ch = table_change(old, new)
+    return {"parentRelease": parent.release_id, "ragChange": ch.top1_changed, **ch.as_metrics()}
 
 
 class _Run:

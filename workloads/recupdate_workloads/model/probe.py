@@ -276,3 +276,11 @@ def run_probe(s: ProbeSetting, workdir: str | Path | None = None) -> dict[str, A
             tmp.cleanup()
     out["cpu_seconds"] = seconds
     return out
+
+
+def before_fix(s: ProbeSetting) -> ProbeSetting:
+    """``s`` with the bootstrap as it was before the fix: training evidence refreshed once per window, and no
+    relabelled examples."""
+    from dataclasses import replace
+
+    return replace(s, evidence_step_days=s.period_days, bootstrap_kwargs={**s.bootstrap_kwargs, "relabel": 0.0})

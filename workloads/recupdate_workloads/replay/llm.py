@@ -38,8 +38,8 @@ class _Shared:
 
             c0, w0 = time.process_time(), time.perf_counter()
             hist = ctx.history
-            lookup = evidence_mem.as_of(
-                hist, len(ctx.catalogue), ctx.config.window, ctx.config.period, ctx.config.top_r, ctx.config.min_support
+            lookup = evidence_mem.training_evidence(
+                hist, len(ctx.catalogue), ctx.config.window, ctx.config.top_r, ctx.config.min_support
             )
             bootstrap(ctx.catalogue, hist, lookup, self.dir, size=self.size, max_examples=40_000, epochs=self.epochs)
             ctx.shared_cost["cpu_seconds"] = time.process_time() - c0
@@ -91,13 +91,8 @@ class LLMStrategy:
             train = curate(window, max_per_pair=200, seed=ctx.period)
             lookup = None
             if self.with_evidence:
-                lookup = evidence_mem.as_of(
-                    ctx.history,
-                    len(ctx.catalogue),
-                    cfg.window,
-                    max(cfg.period // 3, 86_400),
-                    cfg.top_r,
-                    cfg.min_support,
+                lookup = evidence_mem.training_evidence(
+                    ctx.history, len(ctx.catalogue), cfg.window, cfg.top_r, cfg.min_support
                 )
             examples = build_examples(ctx.catalogue, train, lookup, with_evidence=self.with_evidence)
             out = self.workdir / self.name / f"adapter-{ctx.period}"
