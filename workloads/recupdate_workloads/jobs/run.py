@@ -268,7 +268,7 @@ def _training_cost(run: _Run, cfg: RunConfig, tm: dict[str, Any], examples: int)
 
 
 def run_finetune(store: Store, cfg: RunConfig) -> reg.Release:
-    from recupdate_workloads.model.examples import build_examples, curate
+    from recupdate_workloads.model.examples import RELABEL, build_examples, curate
     from recupdate_workloads.model.train_loop import run_inline, run_ray
 
     with _Run(store, cfg, "finetune") as run:
@@ -283,7 +283,9 @@ def run_finetune(store: Store, cfg: RunConfig) -> reg.Release:
             hist_start = cfg.window_start - cfg.retrieval_window
             _, hist = load_triples(store, hist_start, cfg.holdout_start, cfg.positive_threshold)
             lookup = evidence_as_of(hist, cfg, catalogue)
-        examples = build_examples(catalogue, train, lookup, with_evidence=cfg.with_evidence, evidence_dropout=0.0)
+        examples = build_examples(
+            catalogue, train, lookup, with_evidence=cfg.with_evidence, evidence_dropout=0.0, relabel=RELABEL
+        )
         train_cfg = {
             "base_model": local_path(base),
             "examples": examples.to_records(),

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from recupdate_workloads.data.types import Catalogue, PairEvidence, Successor, Triples
-from recupdate_workloads.model.examples import EvidenceLookup, build_examples
+from recupdate_workloads.model.examples import RELABEL, EvidenceLookup, build_examples
 from recupdate_workloads.model.prompt import (
     BORROWED_MARK,
     NO_EVIDENCE,
@@ -163,7 +163,7 @@ def bootstrap(
     batch_size: int = 64,
     lr: float = 3e-3,
     evidence_dropout: float = 0.3,
-    relabel: float = 0.0,
+    relabel: float = RELABEL,
     max_examples: int | None = None,
     num_threads: int | None = None,
 ) -> Path:

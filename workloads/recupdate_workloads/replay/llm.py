@@ -81,7 +81,7 @@ class LLMStrategy:
         return self.finetune_every is not None and period % self.finetune_every == 0
 
     def update(self, ctx: UpdateContext) -> None:
-        from recupdate_workloads.model.examples import build_examples, curate
+        from recupdate_workloads.model.examples import RELABEL, build_examples, curate
         from recupdate_workloads.model.train_loop import run_inline, run_ray
 
         base = self.shared.base(ctx)
@@ -94,7 +94,9 @@ class LLMStrategy:
                 lookup = evidence_mem.training_evidence(
                     ctx.history, len(ctx.catalogue), cfg.window, cfg.top_r, cfg.min_support
                 )
-            examples = build_examples(ctx.catalogue, train, lookup, with_evidence=self.with_evidence)
+            examples = build_examples(
+                ctx.catalogue, train, lookup, with_evidence=self.with_evidence, relabel=RELABEL, seed=ctx.period
+            )
             out = self.workdir / self.name / f"adapter-{ctx.period}"
             tc = {
                 "base_model": base,
