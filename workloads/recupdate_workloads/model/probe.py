@@ -49,6 +49,8 @@ class ProbeSetting:
     period_days: int = 90
     train_periods: int = 2
     min_support: int = 3
+    #: held-out pairs only where the evidence shown has at least this support (0: every pair with evidence)
+    held_out_support: int = 0
     top_r: int = DEFAULT_TOP_R
     #: refresh step of the training prompts' evidence (days); None: the product's (``training_step``)
     evidence_step_days: int | None = None
@@ -92,7 +94,9 @@ def probe_data(s: ProbeSetting) -> ProbeData:
     evidence = evidence_mem.evidence_of(recent, k, s.top_r, s.min_support)
     test = t.window(boundary, boundary + period)
     pairs = np.unique(np.stack([test.c1, test.c2], axis=1), axis=0).astype(np.int32)
-    pairs = pairs[[(int(a), int(b)) in evidence for a, b in pairs]]
+    pairs = pairs[
+        [(e := evidence.get((int(a), int(b)))) is not None and e.support >= s.held_out_support for a, b in pairs]
+    ]
     popular = np.argsort(-np.bincount(recent.c_next, minlength=k), kind="stable").astype(np.int32)
     return ProbeData(stream.catalogue, history, lookup, test, evidence, pairs, popular)
 
