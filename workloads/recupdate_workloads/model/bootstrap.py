@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from recupdate_workloads.data.types import Catalogue, PairEvidence, Successor, Triples
-from recupdate_workloads.model.examples import EVIDENCE_TARGETS, RELABEL, EvidenceLookup, build_examples
+from recupdate_workloads.model.examples import RELABEL, EvidenceLookup, build_examples
 from recupdate_workloads.model.prompt import (
     BORROWED_MARK,
     NO_EVIDENCE,
@@ -164,7 +164,6 @@ def bootstrap(
     lr: float = 3e-3,
     evidence_dropout: float = 0.3,
     relabel: float = RELABEL,
-    evidence_targets: float = EVIDENCE_TARGETS,
     max_examples: int | None = None,
     num_threads: int | None = None,
 ) -> Path:
@@ -188,7 +187,6 @@ def bootstrap(
             lr,
             evidence_dropout,
             relabel,
-            evidence_targets,
             max_examples,
         )
     finally:
@@ -207,7 +205,6 @@ def _bootstrap(
     lr: float,
     evidence_dropout: float,
     relabel: float,
-    evidence_targets: float,
     max_examples: int | None,
 ) -> Path:
     t0 = time.perf_counter()
@@ -221,7 +218,6 @@ def _bootstrap(
         with_evidence=True,
         evidence_dropout=evidence_dropout,
         relabel=relabel,
-        evidence_targets=evidence_targets,
         seed=seed,
     )
     tokenizer = build_tokenizer(catalogue)

@@ -109,20 +109,6 @@ class Examples:
 RELABEL = 0.5
 
 
-#: Share of the evidence-bearing training examples whose answer is drawn from the evidence shown, by its
-#: shares, instead of the real next cluster: the real answer agrees with its evidence's top-1 only 40% of the
-#: time on the synthetic stream, less than the pair's own most frequent answer (45%), so on real answers alone
-#: a model learns the pairs and not to read (docs/rag.md).
-EVIDENCE_TARGETS = 0.5
-
-
-def _drawn(ev: PairEvidence, top_r: int, rng: np.random.Generator) -> int:
-    lines = ev.successors[:top_r]
-    w = np.array([max(s.share, 0.0) for s in lines], np.float64)
-    i = int(rng.choice(len(lines), p=w / w.sum())) if w.sum() > 0 else 0
-    return int(lines[i].cluster)
-
-
 def _relabelled(ev: PairEvidence, pi: np.ndarray) -> PairEvidence:
     succ = tuple(replace(s, cluster=int(pi[s.cluster])) for s in ev.successors)
     frm = tuple((int(pi[a]), int(pi[b])) for a, b in ev.borrowed_from)
@@ -137,18 +123,15 @@ def build_examples(
     with_evidence: bool = True,
     evidence_dropout: float = 0.0,
     relabel: float = 0.0,
-    evidence_targets: float = 0.0,
     top_r: int = DEFAULT_TOP_R,
     seed: int = 0,
 ) -> Examples:
     """Render each triple as (prompt, answer). With ``with_evidence`` each prompt carries the pair's evidence
     as of the triple's time; ``evidence_dropout`` renders that fraction without the evidence block, so one
-    model serves both the RAG and the fine-tune-only prompt. ``relabel`` (see ``RELABEL``) and
-    ``evidence_targets`` (see ``EVIDENCE_TARGETS``) are shares of the evidence-bearing examples."""
+    model serves both the RAG and the fine-tune-only prompt."""
     rng = np.random.default_rng(seed)
     drop = rng.random(len(triples)) < evidence_dropout
     swap = rng.random(len(triples)) < relabel
-    from_evidence = rng.random(len(triples)) < evidence_targets
     n = len(catalogue)
     prompts: list[str] = []
     answers: list[str] = []
@@ -156,8 +139,6 @@ def build_examples(
         c1, c2, nxt, ts = int(triples.c1[i]), int(triples.c2[i]), int(triples.c_next[i]), int(triples.ts[i])
         use_ev = with_evidence and not drop[i]
         ev = get_evidence(evidence_lookup, c1, c2, ts) if use_ev else None
-        if from_evidence[i] and ev is not None and ev.successors:
-            nxt = _drawn(ev, top_r, rng)
         if swap[i] and ev is not None and ev.successors:
             pi = rng.permutation(n)
             c1, c2, nxt, ev = int(pi[c1]), int(pi[c2]), int(pi[nxt]), _relabelled(ev, pi)

@@ -252,8 +252,7 @@ def run_probe(s: ProbeSetting, workdir: str | Path | None = None) -> dict[str, A
                 data.lookup,
                 root / "copy",
                 seed=s.seeds[0],
-                # the copy targets are the answers: none drawn from the evidence's shares
-                **{**common, "evidence_targets": 0.0},
+                **common,
             )
             model, tok = load_base(d)
             own = [data.evidence[(int(a), int(b))] for a, b in data.pairs]
@@ -284,9 +283,8 @@ def run_probe(s: ProbeSetting, workdir: str | Path | None = None) -> dict[str, A
 
 
 def before_fix(s: ProbeSetting) -> ProbeSetting:
-    """``s`` with the bootstrap as it was before the fix: training evidence refreshed once per window, no
-    relabelled examples, no answers drawn from the evidence."""
+    """``s`` with the bootstrap as it was before the fix: training evidence refreshed once per window, and no
+    relabelled examples."""
     from dataclasses import replace
 
-    kwargs = {**s.bootstrap_kwargs, "relabel": 0.0, "evidence_targets": 0.0}
-    return replace(s, evidence_step_days=s.period_days, bootstrap_kwargs=kwargs)
+    return replace(s, evidence_step_days=s.period_days, bootstrap_kwargs={**s.bootstrap_kwargs, "relabel": 0.0})
