@@ -477,6 +477,16 @@ class RetrievalSpec(CamelModel):
         default="24h",
         description="The policy is Fresh while its active release's evidence is younger than this.",
     )
+    blend: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "How much the transition table's ranking leans on the evidence: each cluster is scored by "
+            "(1 - blend) x the model's likelihood + blend x its evidence share. 0: the LLM alone; 1: the "
+            "evidence's order, the model ordering what the evidence does not list. Releases record both figures."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_intervals(self) -> RetrievalSpec:

@@ -17,7 +17,7 @@ POLICY = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "local
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="out/demo", help="wiped and rebuilt on each run")
-    p.add_argument("--simulate", default="240d", help="simulated span")
+    p.add_argument("--simulate", default="180d", help="simulated span")
     p.add_argument("--interactions", type=int, default=100_000, help="size of the synthetic stream")
     p.add_argument("--executor", default="ray", choices=["ray", "inline"], help="fine-tunes on Ray Train or inline")
     p.add_argument("--port", type=int, default=8000, help="port of /recommend while the demo runs")

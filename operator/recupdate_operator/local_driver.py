@@ -386,14 +386,20 @@ class LocalRun:
         from recupdate_workloads.store import registry as reg
 
         print(f"\nreleases of policy {self.name} (schema {self.schema}):")
-        print(f"{'release':<28} {'state':<9} {'gates':<6} {'exact':>6} {'recall@5':>8} {'Δ vs active':>11}  created")
+        # top1 Δ: the share of pairs whose top-1 changed against the table active when it was built
+        # (jobs/change.py); for a refresh, which keeps the adapter, that is its rag_change (docs/rag.md)
+        print(
+            f"{'release':<28} {'state':<9} {'gates':<6} {'exact':>6} {'recall@5':>8} {'Δ vs active':>11} {'top1 Δ':>6}  created"
+        )
         for r in reg.list_releases(self.store):
             g = r.gates or {}
             reg_v = (g.get("regression") or {}).get("value")
             print(f"{r.release_id:<28} {r.state:<9} {('pass' if g.get('passed') else 'FAIL'):<6} "
                   f"{(g.get('exactMatch') or {}).get('value', float('nan')):6.3f} "
                   f"{(g.get('recall') or {}).get('value', float('nan')):8.3f} "
-                  f"{(f'{reg_v:+.3f}' if reg_v is not None else '-'):>11}  {r.created_at:%Y-%m-%d %H:%M}")  # fmt: skip
+                  f"{(f'{reg_v:+.3f}' if reg_v is not None else '-'):>11} "
+                  f"{(f'{rc:.2f}' if (rc := ((r.metrics or {}).get('change') or {}).get('top1Changed')) is not None else '-'):>6}  "
+                  f"{r.created_at:%Y-%m-%d %H:%M}")  # fmt: skip
         print(
             f"\nhit rate (HR@5) of served recommendations per {self.args.report_period}, against the first release kept static:"
         )

@@ -68,6 +68,8 @@ def test_defaults_round_trip_in_camel_case() -> None:
         {"retrieval": {"refreshInterval": "30s", "maxStaleness": "1h"}},
         {"retrieval": {"refreshInterval": "6h", "maxStaleness": "5h"}},
         {"retrieval": {"scoring": "random"}},
+        {"retrieval": {"blend": 1.5}},
+        {"retrieval": {"blend": -0.1}},
         {"gates": {"minExactMatch": 1.5}},
         {"gates": {"promotion": "Sometimes"}},
         {"store": {"schema": "Bad-Name"}},

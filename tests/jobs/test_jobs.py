@@ -161,3 +161,11 @@ def test_refresh_publishes_atomically_under_a_concurrent_reader(loaded: Store, t
         t.join()
     assert not errors, errors[:3]
     assert len(set(reads)) >= 2  # the reader saw versions change, and every one it saw was whole
+
+
+def test_config_reads_blend_and_refuses_one_out_of_range(tmp_path: Path) -> None:
+    base = {"runId": "x", "window": {"start": 0, "end": 86_400}}
+    assert RunConfig.parse(json.dumps(base)).blend == 0.0  # the LLM alone unless the policy says otherwise
+    assert RunConfig.parse(json.dumps({**base, "retrieval": {"blend": 0.25}})).blend == 0.25
+    with pytest.raises(ValueError, match="blend"):
+        RunConfig.parse(json.dumps({**base, "retrieval": {"blend": 2}}))

@@ -37,6 +37,7 @@ from recupdate_operator.planner import (
     gates_verdict,
     parse_run_name,
     plan,
+    run_config,
     run_name,
 )
 
@@ -874,6 +875,16 @@ def test_launch_config_is_the_entrypoint_contract() -> None:
     (launch,) = refresh.of(LaunchRun)
     assert launch.config["window"] == {"start": "2025-02-08T12:00:00Z", "end": "2025-03-10T12:00:00Z"}
     assert "fineTune" not in launch.config
+
+
+def test_blend_reaches_the_run_config_and_its_hash_only_when_set() -> None:
+    unset = PolicySpec()
+    assert unset.retrieval.blend == 0.0  # the default ranks by the LLM alone
+    c = run_config("demo", "ml", unset, RF, "x", NOW, None)
+    assert "blend" not in c["retrieval"]  # so a policy without it keeps the config hash it had before blend
+    blended = PolicySpec.model_validate({"retrieval": {"blend": 0.4}})
+    assert run_config("demo", "ml", blended, RF, "x", NOW, None)["retrieval"]["blend"] == 0.4
+    assert config_hash("demo", "ml", blended, RF) != config_hash("demo", "ml", unset, RF)
 
 
 def test_roll_serve_user_config() -> None:

@@ -116,6 +116,34 @@ def test_shared_work_is_reported_apart_not_charged_to_the_first_strategy() -> No
     assert "bootstrap" in rp.format_table(result)
 
 
+class _TwoRows(rp.PopularStrategy):
+    """One update, two rows: popular, and its ranking reversed (as an LLM strategy alone and blended)."""
+
+    name = "two"
+    variants = ("two", "two+rev")
+
+    def predict_variants(self, c1: np.ndarray, c2: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        fwd = rp.EvidenceTable({}, self.popular).predict(c1, c2, n)
+        rev = rp.EvidenceTable({}, self.popular[::-1].copy()).predict(c1, c2, n)
+        return {"two": fwd, "two+rev": rev}
+
+
+def test_a_strategy_with_variants_is_scored_once_per_row() -> None:
+    s = SyntheticStream(SyntheticSpec(n_interactions=8_000, n_clusters=12, days=270, period_days=90, seed=3))
+    config = rp.ReplayConfig(period=90 * DAY, window=90 * DAY, train_periods=1, bootstrap=50)
+    t = triples(s.generate(), 3.5)
+    strategies = [rp.CountsStrategy("static", False), rp.PopularStrategy(), _TwoRows()]
+    ev = {}
+    result = rp.replay(t, s.catalogue, strategies, config, lambda a, b: ev, progress=False)
+    rows = {r.name: r for r in result.strategies}
+    assert list(rows) == ["static", "popular", "two", "two+rev"]
+    assert rows["two"].hr5 == rows["popular"].hr5  # the first variant is popular itself
+    assert rows["two+rev"].hr5 < rows["two"].hr5  # the reversed ranking is scored on its own
+    assert rows["two+rev"].diff_hr5_vs_static is not None and rows["two+rev"].ci95_hr5_vs_static is not None
+    assert rows["two+rev"].cpu_seconds == rows["two"].cpu_seconds  # one update, charged to each row
+    assert "two+rev" in rp.format_table(result)
+
+
 def test_replay_cli_runs_the_llm_strategies_with_their_shared_base(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = [
@@ -148,3 +176,6 @@ def test_replay_cli_runs_the_llm_strategies_with_their_shared_base(tmp_path: Pat
     assert rows["rag"]["extra"]["refreshes"] == len(data["periods"])
     assert rows["hybrid"]["extra"]["finetunes"] > 1.0
     assert rows["hybrid"]["extra"]["training_tokens"] > rows["rag"]["extra"]["training_tokens"] > 0
+    # every LLM row twice: the model alone, and blended with the evidence (--blend, default 0.5)
+    assert {"rag+blend0.5", "hybrid+blend0.5"} <= set(rows)
+    assert rows["rag+blend0.5"]["extra"] == rows["rag"]["extra"]

@@ -67,6 +67,8 @@ def _config_inputs(policy: str, namespace: str, spec: PolicySpec, kind: RunKind)
         "retrieval": dump(spec.retrieval, {"window", "top_successors", "scoring", "min_support", "neighbours"}),
         "gates": dump(spec.gates, {"min_exact_match", "min_recall", "max_regression"}),
     }
+    if spec.retrieval.blend:  # only when set: a policy without it keeps the config hash it had before blend
+        inputs["retrieval"]["blend"] = spec.retrieval.blend
     if kind == RunKind.FINETUNE:
         inputs["fineTune"] = dump(spec.fine_tune, {"window", "hyperparameters", "resources"})
     return inputs

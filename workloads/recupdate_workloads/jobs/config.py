@@ -38,6 +38,7 @@ class RunConfig:
     scoring: str = "frequency"
     min_support: int = 5
     neighbours: int = 5
+    blend: float = 0.0
     gates: dict[str, Any] = field(default_factory=dict)
     epochs: float = 1
     learning_rate: float = 2e-3
@@ -93,6 +94,7 @@ class RunConfig:
             scoring=retr.get("scoring", "frequency"),
             min_support=int(retr.get("minSupport", 5)),
             neighbours=int(retr.get("neighbours", 5)),
+            blend=_blend(retr.get("blend", 0.0)),
             gates=c.get("gates") or {},
             epochs=float(hp.get("epochs", 1)),
             learning_rate=float(hp.get("learningRate", 2e-3)),
@@ -126,3 +128,10 @@ class RunConfig:
     def holdout_start(self) -> int:
         """The most recent slice of the window is held out for the gates."""
         return self.window_end - int((self.window_end - self.window_start) * self.holdout_fraction)
+
+
+def _blend(value: Any) -> float:
+    b = float(value)
+    if not 0.0 <= b <= 1.0:
+        raise ValueError(f"retrieval.blend must be in [0, 1], not {value!r}")
+    return b

@@ -52,15 +52,22 @@ def pairs_to_score(evidence: Evidence, catalogue: Catalogue, all_pairs: bool = F
 
 
 def materialize(
-    predictor: Predictor, evidence: Evidence, top_n: int = 10, all_pairs: bool = False, progress: bool = False
+    predictor: Predictor,
+    evidence: Evidence,
+    top_n: int = 10,
+    all_pairs: bool = False,
+    progress: bool = False,
+    blend: float = 0.0,
 ) -> Materialized:
+    """Rank the pairs with the predictor; ``blend`` (0..1, the policy's ``retrieval.blend``) mixes the
+    model's likelihood with the evidence's shares (``model.generate.blend_logprobs``); 0 is the LLM alone."""
 
     c1, c2 = pairs_to_score(evidence, predictor.catalogue, all_pairs)
     t0 = time.perf_counter()
     ids, scores = [], []
     step = max(predictor.batch_size * 8, 1)
     for s in tqdm(range(0, len(c1), step), desc="materialize", unit="batch", disable=not progress):
-        i, sc = predictor.rank(c1[s : s + step], c2[s : s + step], evidence, top_n)
+        i, sc = predictor.rank(c1[s : s + step], c2[s : s + step], evidence, top_n, blend)
         ids.append(i)
         scores.append(sc)
     ids_a = np.concatenate(ids) if ids else np.zeros((0, top_n), np.int32)
@@ -88,13 +95,22 @@ def publish(store: Store, m: Materialized, snapshot_id: int | None, adapter_uri:
 class _RankBatch:
     """Ray Data UDF: each actor loads the release once and ranks the batches it is given."""
 
-    def __init__(self, base: str, adapter_uri: str | None, catalogue: Catalogue, evidence: Evidence, top_n: int):
+    def __init__(
+        self,
+        base: str,
+        adapter_uri: str | None,
+        catalogue: Catalogue,
+        evidence: Evidence,
+        top_n: int,
+        blend: float = 0.0,
+    ):
         self.predictor = Predictor.load(base, adapter_uri, catalogue)
         self.evidence = evidence
         self.top_n = top_n
+        self.blend = blend
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids, scores = self.predictor.rank(batch["c1"], batch["c2"], self.evidence, self.top_n)
+        ids, scores = self.predictor.rank(batch["c1"], batch["c2"], self.evidence, self.top_n, self.blend)
         return {"c1": batch["c1"], "c2": batch["c2"], "ids": ids, "scores": scores}
 
 
@@ -107,6 +123,7 @@ def materialize_ray(
     all_pairs: bool = False,
     concurrency: int = 1,
     batch_size: int = 512,
+    blend: float = 0.0,
 ) -> Materialized:
     """The same bulk inference through Ray Data `map_batches` (actors hold the model)."""
     import ray.data
@@ -116,7 +133,7 @@ def materialize_ray(
     ds = ray.data.from_numpy({"c1": c1, "c2": c2})  # type: ignore[arg-type]
     out: Any = ds.map_batches(
         _RankBatch,
-        fn_constructor_args=(base, adapter_uri, catalogue, dict(evidence), top_n),
+        fn_constructor_args=(base, adapter_uri, catalogue, dict(evidence), top_n, blend),
         batch_size=batch_size,
         concurrency=concurrency,
         batch_format="numpy",

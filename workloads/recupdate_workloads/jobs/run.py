@@ -91,10 +91,10 @@ def refresh_snapshot(store: Store, cfg: RunConfig, end: int, catalogue: Catalogu
 
 
 def evidence_as_of(history: Triples, cfg: RunConfig, catalogue: Catalogue) -> evidence_mem.Lookup:
-    """Each example's evidence as of its own time: what a refresh every quarter window would have published."""
-    step = max(cfg.retrieval_window // 4, 3600)
+    """Each example's evidence as of its own time, refreshed often (``data.evidence.training_evidence``: with a
+    refresh per quarter window the model learnt to memorise pairs instead of reading their evidence)."""
     n = len(catalogue)
-    return evidence_mem.as_of(history, n, cfg.retrieval_window, step, cfg.top_successors, cfg.min_support)
+    return evidence_mem.training_evidence(history, n, cfg.retrieval_window, cfg.top_successors, cfg.min_support)
 
 
 def _artifacts(cfg: RunConfig) -> Path:
@@ -130,9 +130,14 @@ def _evaluate(
     _, recent = load_triples(store, cfg.holdout_start - cfg.retrieval_window, cfg.holdout_start, cfg.positive_threshold)
     evidence = evidence_mem.evidence_of(recent, len(catalogue), cfg.top_successors, cfg.min_support)
     pairs = np.unique(np.stack([test.c1, test.c2], axis=1), axis=0) if len(test) else np.zeros((0, 2), np.int32)
-    ids, _ = predictor.rank(pairs[:, 0], pairs[:, 1], evidence, 5)
+    # The served ranking (blended when retrieval.blend > 0) and the LLM's alone, from one forward pass: a
+    # blend must never hide a model that ignores its prompt.
+    (llm_ids, _), (ids, _) = predictor.rank_blends(pairs[:, 0], pairs[:, 1], evidence, 5, (0.0, cfg.blend))
+    llm_table = {(int(a), int(b)): row.tolist() for (a, b), row in zip(pairs, llm_ids, strict=True)}
     table = {(int(a), int(b)): row.tolist() for (a, b), row in zip(pairs, ids, strict=True)}
     cand = hits(lookup_predictions(table, test), test.c_next)
+    llm_pred = lookup_predictions(llm_table, test)
+    llm_hits = hits(llm_pred, test.c_next)
     active_hits = None
     active = reg.get_release(store, cfg.active_release) if cfg.active_release else reg.active_release(store)
     if active is not None and active.table_version is not None:
@@ -146,6 +151,9 @@ def _evaluate(
         "recall@5": float(cand.mean()) if len(cand) else 0.0,
         "heldOutTriples": len(test),
         "hr1": float(top1.mean()) if len(test) else 0.0,
+        "blend": cfg.blend,
+        "recall@5Llm": float(llm_hits.mean()) if len(llm_hits) else 0.0,
+        "hr1Llm": float((llm_pred[:, 0] == test.c_next).mean()) if len(test) else 0.0,
     }
     return metrics, verdict
 
@@ -166,7 +174,7 @@ def _candidate(
     metrics, verdict = _evaluate(store, cfg, predictor, catalogue)
     snap = refresh_snapshot(store, cfg, cfg.window_end, catalogue)
     evidence = ev.load_evidence(store, snap.snapshot_id)
-    m = materialize(predictor, evidence, TABLE_TOP_N)
+    m = materialize(predictor, evidence, TABLE_TOP_N, blend=cfg.blend)
     version = publish(store, m, snap.snapshot_id, adapter_uri)
     change = _change(store, cfg, m)
     if change is not None:
@@ -269,7 +277,7 @@ def _training_cost(run: _Run, cfg: RunConfig, tm: dict[str, Any], examples: int)
 
 
 def run_finetune(store: Store, cfg: RunConfig) -> reg.Release:
-    from recupdate_workloads.model.examples import build_examples, curate
+    from recupdate_workloads.model.examples import RELABEL, build_examples, curate
     from recupdate_workloads.model.train_loop import run_inline, run_ray
 
     with _Run(store, cfg, "finetune") as run:
@@ -284,7 +292,9 @@ def run_finetune(store: Store, cfg: RunConfig) -> reg.Release:
             hist_start = cfg.window_start - cfg.retrieval_window
             _, hist = load_triples(store, hist_start, cfg.holdout_start, cfg.positive_threshold)
             lookup = evidence_as_of(hist, cfg, catalogue)
-        examples = build_examples(catalogue, train, lookup, with_evidence=cfg.with_evidence, evidence_dropout=0.0)
+        examples = build_examples(
+            catalogue, train, lookup, with_evidence=cfg.with_evidence, evidence_dropout=0.0, relabel=RELABEL
+        )
         train_cfg = {
             "base_model": local_path(base),
             "examples": examples.to_records(),

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from recupdate_workloads.data.types import Catalogue, PairEvidence, Successor, Triples
-from recupdate_workloads.model.examples import EvidenceLookup, build_examples
+from recupdate_workloads.model.examples import RELABEL, EvidenceLookup, build_examples
 from recupdate_workloads.model.prompt import (
     BORROWED_MARK,
     NO_EVIDENCE,
@@ -163,6 +163,7 @@ def bootstrap(
     batch_size: int = 64,
     lr: float = 3e-3,
     evidence_dropout: float = 0.3,
+    relabel: float = RELABEL,
     max_examples: int | None = None,
     num_threads: int | None = None,
 ) -> Path:
@@ -185,6 +186,7 @@ def bootstrap(
             batch_size,
             lr,
             evidence_dropout,
+            relabel,
             max_examples,
         )
     finally:
@@ -202,6 +204,7 @@ def _bootstrap(
     batch_size: int,
     lr: float,
     evidence_dropout: float,
+    relabel: float,
     max_examples: int | None,
 ) -> Path:
     t0 = time.perf_counter()
@@ -209,7 +212,13 @@ def _bootstrap(
     if max_examples is not None and len(triples) > max_examples:
         triples = triples.select(np.arange(len(triples) - max_examples, len(triples)))  # the most recent
     examples = build_examples(
-        catalogue, triples, evidence_lookup, with_evidence=True, evidence_dropout=evidence_dropout, seed=seed
+        catalogue,
+        triples,
+        evidence_lookup,
+        with_evidence=True,
+        evidence_dropout=evidence_dropout,
+        relabel=relabel,
+        seed=seed,
     )
     tokenizer = build_tokenizer(catalogue)
     model = build_model(len(tokenizer), tokenizer, size, seed)

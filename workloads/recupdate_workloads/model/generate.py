@@ -264,16 +264,56 @@ def rank_clusters(
     scores being log-probabilities. ``exclude`` (int[n, k], -1 = none), e.g. the pair's own (c1, c2), removes
     those clusters from a row's ranking (score -inf) so the top-N holds novel clusters only."""
     lp = cluster_logprobs(model, tokenizer, catalogue, prompts, batch_size)
+    return top_ranked(excluded(lp, exclude), top_n)
+
+
+def excluded(scores: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+    """``scores`` (float[n, n_clusters], changed in place) with the clusters of ``exclude`` (int[n, k], -1 =
+    none) set to -inf."""
     if exclude is not None:
         ex = np.asarray(exclude)
-        rows = np.repeat(np.arange(len(lp)), ex.shape[1])
+        rows = np.repeat(np.arange(len(scores)), ex.shape[1])
         cols = ex.reshape(-1)
         ok = cols >= 0
-        lp[rows[ok], cols[ok]] = -np.inf
-    top_n = min(top_n, lp.shape[1])
-    # Stable argsort on -score: ties break by cluster id, deterministically.
-    order = np.argsort(-lp, axis=1, kind="stable")[:, :top_n]
-    return order.astype(np.int32), np.take_along_axis(lp, order, axis=1).astype(np.float32)
+        scores[rows[ok], cols[ok]] = -np.inf
+    return scores
+
+
+def top_ranked(scores: np.ndarray, top_n: int, tie_break: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32[n, top_n], scores float32[n, top_n]) of the highest scores per row, best first. Ties break
+    by ``tie_break`` (higher first) where given, then by cluster id, deterministically."""
+    top_n = min(top_n, scores.shape[1])
+    if tie_break is None:
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :top_n]
+    else:
+        order = np.lexsort((-tie_break, -scores), axis=1)[:, :top_n]
+    return order.astype(np.int32), np.take_along_axis(scores, order, axis=1).astype(np.float32)
+
+
+#: The model's weight in a blend never goes below this, so at ``blend=1`` the model still orders the clusters
+#: that the evidence leaves tied (those it does not list), instead of leaving them unranked.
+MIN_MODEL_WEIGHT = 1e-6
+
+
+def blend_logprobs(logprobs: np.ndarray, shares: np.ndarray, blend: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mix the model's likelihood with the evidence: log((1 - blend) * p_model + blend * share).
+
+    ``logprobs`` (float[n, n_clusters], -inf for excluded clusters) become p_model, renormalised over the
+    clusters left; ``shares`` (float[n, n_clusters]) are the evidence lines' shares of their pair's support
+    (0 for clusters the evidence does not list; a row of zeros for a pair without evidence, which then keeps
+    the model's order). Excluded clusters stay -inf. Returns (blended log-scores, p_model), p_model being the
+    tie-break for ``top_ranked``. ``blend=0`` is the model alone: the same order as ``logprobs``."""
+    if not 0.0 <= blend <= 1.0:
+        raise ValueError(f"blend must be in [0, 1], not {blend}")
+    lp = np.asarray(logprobs, dtype=np.float64)
+    allowed = np.isfinite(lp)
+    top = np.where(allowed, lp, -np.inf).max(axis=1, keepdims=True)
+    p = np.where(allowed, np.exp(lp - np.where(np.isfinite(top), top, 0.0)), 0.0)
+    p /= np.maximum(p.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    mixed = max(1.0 - blend, MIN_MODEL_WEIGHT) * p + blend * np.where(allowed, shares, 0.0)
+    with np.errstate(divide="ignore"):
+        out = np.where(allowed, np.log(mixed), -np.inf)
+    return out.astype(np.float32), p
 
 
 def _prefix_fn(candidates: Sequence[Sequence[int]], eos: int, prompt_len: int) -> Callable[..., list[int]]:

@@ -46,6 +46,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help="epochs of the base model's bootstrap (LLM strategies; default 8)",
     )
+    p.add_argument(
+        "--blend",
+        type=float,
+        default=0.5,
+        help="LLM strategies: also report each one's ranking blended with the evidence's shares "
+        "(retrieval.blend, 0..1), as a row <name>+blend<B> next to the model alone; 0: the model alone only",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the CIs")
     p.add_argument("--out", default="out/replay", help="directory for results.json and hr5.png")
     p.add_argument("--store-dir", default=None, help="embedded PostgreSQL data dir (default: a temp dir)")
@@ -62,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(names) - set(BASELINES + LLM_STRATEGIES)
     if unknown:
         raise SystemExit(f"unknown strategies: {', '.join(sorted(unknown))}")
+    if not 0.0 <= args.blend <= 1.0:
+        print(f"recupdate replay: --blend must be in [0, 1], not {args.blend}", file=sys.stderr)
+        return 2
     try:  # bad data (DataError), a bad duration, too short a span: one line and exit 2, before any store starts
         ds = load(args.data, clusters=args.clusters, synthetic=_synthetic(args))
         print(f"data {ds.name}: {ds.report.summary()}; {len(ds.catalogue)} clusters")

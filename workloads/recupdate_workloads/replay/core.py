@@ -67,6 +67,23 @@ class Strategy(Protocol):
         """Top-n cluster ids per context, int32 [len(c1), n], -1 where fewer are known."""
 
 
+def variants(s: Strategy) -> tuple[str, ...]:
+    """The rows a strategy is reported as: its name, or the names of its ``variants`` (an LLM strategy's
+    ranking by the model alone and blended with the evidence), each scored on its own."""
+    return tuple(getattr(s, "variants", ()) or (s.name,))
+
+
+def predictions(s: Strategy, c1: np.ndarray, c2: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Each of the strategy's rows' top-n (``predict_variants`` where it has variants, else ``predict``)."""
+    fn = getattr(s, "predict_variants", None)
+    if fn is not None:
+        out: dict[str, np.ndarray] = fn(c1, c2, n)
+        if set(out) != set(variants(s)):
+            raise ValueError(f"{s.name}: predict_variants gave {sorted(out)}, not {sorted(variants(s))}")
+        return out
+    return {s.name: s.predict(c1, c2, n)}
+
+
 def _popular_fill(ranked: list[int], popular: np.ndarray, exclude: tuple[int, int], n: int) -> list[int]:
     out = [c for c in ranked if c not in exclude][:n]
     for c in popular.tolist():
@@ -232,9 +249,13 @@ def replay(
     boundaries = edges[config.train_periods : -1]
     if not boundaries:
         raise ValueError(f"data spans {len(edges) - 1} periods; need more than train_periods={config.train_periods}")
-    hits1: dict[str, list[np.ndarray]] = {s.name: [] for s in strategies}
-    hits5: dict[str, list[np.ndarray]] = {s.name: [] for s in strategies}
-    recommended: dict[str, set[int]] = {s.name: set() for s in strategies}
+    rows = {s.name: variants(s) for s in strategies}
+    names = [row for s in strategies for row in rows[s.name]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two strategies report rows of the same name: {names}")
+    hits1: dict[str, list[np.ndarray]] = {row: [] for row in names}
+    hits5: dict[str, list[np.ndarray]] = {row: [] for row in names}
+    recommended: dict[str, set[int]] = {row: set() for row in names}
     cost = {s.name: [0.0, 0.0] for s in strategies}
     extra: dict[str, dict[str, float]] = {s.name: {} for s in strategies}
     updates: dict[str, list[dict[str, float]]] = {s.name: [] for s in strategies}
@@ -259,11 +280,15 @@ def replay(
             for k, v in ctx.extra_cost.items():
                 extra[s.name][k] = extra[s.name].get(k, 0.0) + v
             updates[s.name].append(dict(ctx.extra_cost))
-            pred = s.predict(test.c1, test.c2, TOP_N) if len(test) else np.zeros((0, TOP_N), np.int32)
-            hit_rank = pred == test.c_next[:, None]
-            hits1[s.name].append(hit_rank[:, 0])
-            hits5[s.name].append(hit_rank.any(axis=1))
-            recommended[s.name].update(np.unique(pred[pred >= 0]).tolist())
+            if len(test):
+                preds = predictions(s, test.c1, test.c2, TOP_N)
+            else:
+                preds = {row: np.zeros((0, TOP_N), np.int32) for row in rows[s.name]}
+            for row, pred in preds.items():
+                hit_rank = pred == test.c_next[:, None]
+                hits1[row].append(hit_rank[:, 0])
+                hits5[row].append(hit_rank.any(axis=1))
+                recommended[row].update(np.unique(pred[pred >= 0]).tolist())
             bar.update()
     bar.close()
     users = np.concatenate(eval_users)
@@ -273,36 +298,67 @@ def replay(
             extra[s.name]["exact_match"] = float(np.mean(exact))
     results = []
     for s in strategies:
-        h1, h5 = np.concatenate(hits1[s.name]), np.concatenate(hits5[s.name])
-        r = StrategyResult(
-            name=s.name,
-            hr1=float(h1.mean()) if len(h1) else 0.0,
-            hr5=float(h5.mean()) if len(h5) else 0.0,
-            hr1_macro=_macro(users, h1) if len(h1) else 0.0,
-            hr5_macro=_macro(users, h5) if len(h5) else 0.0,
-            coverage=len(recommended[s.name]) / len(catalogue),
-            per_period_hr5=[float(x.mean()) if len(x) else float("nan") for x in hits5[s.name]],
-            per_period_hr1=[float(x.mean()) if len(x) else float("nan") for x in hits1[s.name]],
-            cpu_seconds=cost[s.name][0] + extra[s.name].get("cpu_seconds", 0.0),
-            wall_seconds=cost[s.name][1],
-            extra=extra[s.name],
-            per_period_updates=updates[s.name],
-        )
-        if "static" in hits5 and s.name != "static" and len(h5):
-            base5, base1 = np.concatenate(hits5["static"]), np.concatenate(hits1["static"])
-            r.diff_hr5_vs_static, r.ci95_hr5_vs_static = paired_bootstrap(
-                users, h5, base5, config.bootstrap, config.seed
+        for row in rows[s.name]:
+            results.append(
+                _result(
+                    row,
+                    hits1[row],
+                    hits5[row],
+                    recommended[row],
+                    users,
+                    len(catalogue),
+                    cost[s.name],
+                    extra[s.name],
+                    updates[s.name],
+                )
             )
-            r.diff_hr1_vs_static, r.ci95_hr1_vs_static = paired_bootstrap(
-                users, h1, base1, config.bootstrap, config.seed
-            )
-        results.append(r)
+    if "static" in hits5:
+        base5, base1 = np.concatenate(hits5["static"]), np.concatenate(hits1["static"])
+        for r in results:
+            if r.name == "static":
+                continue
+            h1, h5 = np.concatenate(hits1[r.name]), np.concatenate(hits5[r.name])
+            if len(h5):
+                r.diff_hr5_vs_static, r.ci95_hr5_vs_static = paired_bootstrap(
+                    users, h5, base5, config.bootstrap, config.seed
+                )
+                r.diff_hr1_vs_static, r.ci95_hr1_vs_static = paired_bootstrap(
+                    users, h1, base1, config.bootstrap, config.seed
+                )
     return ReplayResult(data_name, periods, len(users), len(np.unique(users)), results, shared)
+
+
+def _result(
+    name: str,
+    hits1: list[np.ndarray],
+    hits5: list[np.ndarray],
+    recommended: set[int],
+    users: np.ndarray,
+    n_clusters: int,
+    cost: list[float],
+    extra: dict[str, float],
+    updates: list[dict[str, float]],
+) -> StrategyResult:
+    h1, h5 = np.concatenate(hits1), np.concatenate(hits5)
+    return StrategyResult(
+        name=name,
+        hr1=float(h1.mean()) if len(h1) else 0.0,
+        hr5=float(h5.mean()) if len(h5) else 0.0,
+        hr1_macro=_macro(users, h1) if len(h1) else 0.0,
+        hr5_macro=_macro(users, h5) if len(h5) else 0.0,
+        coverage=len(recommended) / n_clusters,
+        per_period_hr5=[float(x.mean()) if len(x) else float("nan") for x in hits5],
+        per_period_hr1=[float(x.mean()) if len(x) else float("nan") for x in hits1],
+        cpu_seconds=cost[0] + extra.get("cpu_seconds", 0.0),
+        wall_seconds=cost[1],
+        extra=dict(extra),
+        per_period_updates=list(updates),
+    )
 
 
 def format_table(result: ReplayResult) -> str:
     """The side-by-side comparison printed on the terminal."""
-    head = f"{'strategy':<10} {'HR@1':>6} {'HR@5':>6} {'HR@5 users':>10} {'cover':>6}  {'ΔHR@5 vs static [95% CI]':<30} {'CPU s':>8} {'wall s':>7} {'exact':>6} {'train tok':>10}"
+    head = f"{'strategy':<16} {'HR@1':>6} {'HR@5':>6} {'HR@5 users':>10} {'cover':>6}  {'ΔHR@5 vs static [95% CI]':<30} {'CPU s':>8} {'wall s':>7} {'exact':>6} {'train tok':>10}"
     lines = [
         f"replay of {result.data}: {len(result.periods)} periods, {result.eval_triples} triples, {result.eval_users} users",
         head,
@@ -317,8 +373,13 @@ def format_table(result: ReplayResult) -> str:
             else ""
         )
         lines.append(
-            f"{r.name:<10} {r.hr1:6.4f} {r.hr5:6.4f} {r.hr5_macro:10.4f} {r.coverage:6.2f}  {ci:<30} {r.cpu_seconds:8.1f} {r.wall_seconds:7.1f}"
+            f"{r.name:<16} {r.hr1:6.4f} {r.hr5:6.4f} {r.hr5_macro:10.4f} {r.coverage:6.2f}  {ci:<30} {r.cpu_seconds:8.1f} {r.wall_seconds:7.1f}"
             f" {r.extra.get('exact_match', float('nan')):6.3f} {int(r.extra.get('training_tokens', 0)):>10}"
+        )
+    if any("+blend" in r.name for r in result.strategies):
+        lines.append(
+            "<name>+blend<B>: the same model's ranking blended with the evidence, (1 - B) x likelihood + B x share; "
+            "its cost is the row above's"
         )
     if result.shared_cost:
         lines.append(

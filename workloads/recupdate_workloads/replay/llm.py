@@ -38,8 +38,8 @@ class _Shared:
 
             c0, w0 = time.process_time(), time.perf_counter()
             hist = ctx.history
-            lookup = evidence_mem.as_of(
-                hist, len(ctx.catalogue), ctx.config.window, ctx.config.period, ctx.config.top_r, ctx.config.min_support
+            lookup = evidence_mem.training_evidence(
+                hist, len(ctx.catalogue), ctx.config.window, ctx.config.top_r, ctx.config.min_support
             )
             bootstrap(ctx.catalogue, hist, lookup, self.dir, size=self.size, max_examples=40_000, epochs=self.epochs)
             ctx.shared_cost["cpu_seconds"] = time.process_time() - c0
@@ -57,8 +57,12 @@ class LLMStrategy:
         with_evidence: bool,
         executor: str,
         epochs: float,
+        blend: float = 0.0,
     ) -> None:
         self.name = name
+        self.blend = blend
+        # Reported as two rows when blending: the model alone, and blended with the evidence's shares.
+        self.variants: tuple[str, ...] = (name, f"{name}+blend{blend:g}") if blend > 0 else (name,)
         self.shared = shared
         self.workdir = workdir
         self.finetune_every = finetune_every  # None: only once, at the start
@@ -77,7 +81,7 @@ class LLMStrategy:
         return self.finetune_every is not None and period % self.finetune_every == 0
 
     def update(self, ctx: UpdateContext) -> None:
-        from recupdate_workloads.model.examples import build_examples, curate
+        from recupdate_workloads.model.examples import RELABEL, build_examples, curate
         from recupdate_workloads.model.train_loop import run_inline, run_ray
 
         base = self.shared.base(ctx)
@@ -87,15 +91,12 @@ class LLMStrategy:
             train = curate(window, max_per_pair=200, seed=ctx.period)
             lookup = None
             if self.with_evidence:
-                lookup = evidence_mem.as_of(
-                    ctx.history,
-                    len(ctx.catalogue),
-                    cfg.window,
-                    max(cfg.period // 3, 86_400),
-                    cfg.top_r,
-                    cfg.min_support,
+                lookup = evidence_mem.training_evidence(
+                    ctx.history, len(ctx.catalogue), cfg.window, cfg.top_r, cfg.min_support
                 )
-            examples = build_examples(ctx.catalogue, train, lookup, with_evidence=self.with_evidence)
+            examples = build_examples(
+                ctx.catalogue, train, lookup, with_evidence=self.with_evidence, relabel=RELABEL, seed=ctx.period
+            )
             out = self.workdir / self.name / f"adapter-{ctx.period}"
             tc = {
                 "base_model": base,
@@ -121,15 +122,22 @@ class LLMStrategy:
         if self.with_evidence:
             self.evidence = ctx.evidence(ctx.boundary - cfg.window, ctx.boundary)
             ctx.extra_cost["refreshes"] = 1.0
+        elif self.blend > 0:  # not in the prompt: only blended into the ranking of the +blend row
+            self.evidence = ctx.evidence(ctx.boundary - cfg.window, ctx.boundary)
 
     def predict(self, c1: np.ndarray, c2: np.ndarray, n: int) -> np.ndarray:
+        return self.predict_variants(c1, c2, n)[self.name]
+
+    def predict_variants(self, c1: np.ndarray, c2: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        """The top-n of each row (``variants``): the model alone, and blended, from one forward pass."""
         assert self.predictor is not None, "update() first"
         if len(c1) == 0:
-            return np.zeros((0, n), np.int32)
+            return {v: np.zeros((0, n), np.int32) for v in self.variants}
         pairs, inverse = np.unique(np.stack([c1, c2], axis=1), axis=0, return_inverse=True)
-        ids, _ = self.predictor.rank(pairs[:, 0], pairs[:, 1], self.evidence, n)
+        blends = (0.0, self.blend)[: len(self.variants)]
+        ranked = self.predictor.rank_blends(pairs[:, 0], pairs[:, 1], self.evidence, n, blends)
         self.exact.append(self.predictor.exact_match(pairs[:, 0], pairs[:, 1], self.evidence, sample=128))
-        return ids[inverse.reshape(-1)]
+        return {v: ids[inverse.reshape(-1)] for v, (ids, _) in zip(self.variants, ranked, strict=True)}
 
 
 _SHARED: dict[str, _Shared] = {}
@@ -145,10 +153,11 @@ def build(name: str, args: argparse.Namespace, workdir: Path, store: Any) -> LLM
     shared = _SHARED.setdefault(key, _Shared(workdir, getattr(args, "model_size", "small"), boot_epochs))
     epochs = getattr(args, "epochs", None) or 2.0
     executor = getattr(args, "executor", "ray")
+    blend = float(getattr(args, "blend", 0.0) or 0.0)
     if name == "finetune":
-        return LLMStrategy("finetune", shared, workdir, 1, False, executor, epochs)
+        return LLMStrategy("finetune", shared, workdir, 1, False, executor, epochs, blend)
     if name == "rag":
-        return LLMStrategy("rag", shared, workdir, None, True, executor, epochs)
+        return LLMStrategy("rag", shared, workdir, None, True, executor, epochs, blend)
     if name == "hybrid":
-        return LLMStrategy("hybrid", shared, workdir, max(1, args.finetune_every), True, executor, epochs)
+        return LLMStrategy("hybrid", shared, workdir, max(1, args.finetune_every), True, executor, epochs, blend)
     raise ValueError(f"unknown LLM strategy {name}")

@@ -51,6 +51,18 @@ class Recorded:
         out: np.ndarray = self.inner.predict(c1, c2, n)
         return out
 
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The inner strategy's rows (the LLM alone and blended: core.variants)."""
+        return tuple(getattr(self.inner, "variants", ()) or (self.name,))
+
+    def predict_variants(self, c1: np.ndarray, c2: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        fn = getattr(self.inner, "predict_variants", None)
+        if fn is None:
+            return {self.name: self.predict(c1, c2, n)}
+        out: dict[str, np.ndarray] = fn(c1, c2, n)
+        return out
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     """The adaptive strategy's options of `recupdate replay` (and the synthetic stream's drift rate)."""
