@@ -34,8 +34,22 @@ def _contexts(seed: int = 0, count: int = 60) -> list[dict[str, Any]]:
     return out
 
 
-async def test_batch_results_equal_single_requests(client: tuple[httpx.AsyncClient, Any]) -> None:
-    c, _ = client
+#: Misses wait for their evidence however busy the machine: a lookup past its limit would answer from popularity,
+#: and the same context asked again later from the evidence it cached meanwhile.
+PATIENT = {"evidence_timeout_ms": 30_000, "online_timeout_ms": 30_000}
+
+
+@pytest.fixture
+async def patient(demo: tuple, pg_dsn: str) -> Any:
+    svc = service_over(pg_dsn)
+    assert await svc.reconfigure({**demo[1].releases["rel-a"], **PATIENT})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_api(svc)), base_url="http://t") as c:
+        yield c, svc
+    svc.shutdown()
+
+
+async def test_batch_results_equal_single_requests(patient: tuple[httpx.AsyncClient, Any]) -> None:
+    c, _ = patient
     contexts = _contexts()
     r = await c.post("/recommend/batch", json={"requests": contexts})
     assert r.status_code == 200, r.text
@@ -132,7 +146,7 @@ async def test_outcomes_move(demo: tuple, pg_dsn: str) -> None:
     """The outcome totals (the same calls feed the Ray Serve metrics) count each context by how it was
     answered: table hit, online generation, evidence fallback, popularity."""
     svc = service_over(pg_dsn, StubModel())
-    assert await svc.reconfigure(demo[1].releases["rel-a"])
+    assert await svc.reconfigure({**demo[1].releases["rel-a"], **PATIENT})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_api(svc)), base_url="http://t") as c:
 
         async def served() -> dict[str, dict[str, int]]:
@@ -150,7 +164,7 @@ async def test_outcomes_move(demo: tuple, pg_dsn: str) -> None:
     svc.shutdown()
     # without a model the misses fall back to evidence (the pair's own), or popularity
     svc = service_over(pg_dsn)
-    assert await svc.reconfigure(demo[1].releases["rel-a"])
+    assert await svc.reconfigure({**demo[1].releases["rel-a"], **PATIENT})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_api(svc)), base_url="http://t") as c:
         items = [{"recent_clusters": list(MISSING_PAIRS[0])}, {"recent_clusters": [4, 4]}]
         assert (await c.post("/recommend/batch", json={"requests": items})).status_code == 200
