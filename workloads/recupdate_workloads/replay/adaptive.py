@@ -55,7 +55,9 @@ class AdaptiveStrategy(LLMStrategy):
         return self.adapter is None or self._fire
 
     def update(self, ctx: UpdateContext) -> None:
-        self._fire, reason, measured = False, None, None
+        self._fire = False
+        reason: str | None = None  # why it fine-tunes here: initial, drift or maxInterval
+        measured = None
         cfg = ctx.config
         if self.trained_window is not None:
             ref_start, ref_end = self.trained_window
