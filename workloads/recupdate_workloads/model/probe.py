@@ -223,6 +223,18 @@ def _evidence_top(e: PairEvidence | None, popular: np.ndarray, pair: tuple[int, 
     return np.array(out + [-1] * (n - len(out)), np.int64)
 
 
+#: Support buckets of ``copy_agreement_by_support``: held-out pairs are mostly sparse, training triples are not.
+SUPPORT_BUCKETS = ((3, 5), (5, 10), (10, 30), (30, None))
+
+
+def _by_support(agree: np.ndarray, support: np.ndarray) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for lo, hi in SUPPORT_BUCKETS:
+        m = (support >= lo) & (support < hi if hi is not None else True)
+        out[f"{lo}-{hi - 1}" if hi is not None else f"{lo}+"] = float(agree[m].mean()) if m.any() else None
+    return out
+
+
 def _step(s: ProbeSetting) -> int:
     return s.evidence_step_days * DAY if s.evidence_step_days else evidence_mem.training_step(s.period_days * DAY)
 
@@ -257,7 +269,9 @@ def run_probe(s: ProbeSetting, workdir: str | Path | None = None) -> dict[str, A
             model, tok = load_base(d)
             own = [data.evidence[(int(a), int(b))] for a, b in data.pairs]
             top1 = top_ids(model, tok, data.catalogue, data.pairs, own, True, 1, s.top_r)[:, 0]
-            out["copy_agreement"] = float((top1 == np.array([e.successors[0].cluster for e in own])).mean())
+            agree = top1 == np.array([e.successors[0].cluster for e in own])
+            out["copy_agreement"] = float(agree.mean())
+            out["copy_agreement_by_support"] = _by_support(agree, np.array([e.support for e in own]))
             seconds["copy"] = time.process_time() - t0
         no_ev: list[np.ndarray] = []
         for name, seed in (("real", s.seeds[0]), ("seed", s.seeds[1])):
