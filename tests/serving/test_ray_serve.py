@@ -302,7 +302,8 @@ def test_serving_metrics_reach_prometheus(served: Served) -> None:
             "422": _scrape("ray_recupdate_serve_requests_total", endpoint="recommend", code="422"),
             "version": _scrape("ray_recupdate_serve_table_version", deployment="Recommender"),
         }
-        if (moved["hits"], moved["batch"], moved["latency"]) == (7, 5, 8) and moved["422"] >= 1:
+        # at least: the exporter lags, so `before` may miss earlier tests' requests that arrive later
+        if moved["hits"] >= 7 and moved["batch"] >= 5 and moved["latency"] >= 8 and moved["422"] >= 1:
             break
         assert time.monotonic() < deadline, moved
         time.sleep(0.5)
