@@ -73,3 +73,15 @@ def training_evidence(
     synthetic stream carried no evidence and a pair's evidence never changed within one (1.00 distinct top-1
     per pair), so memorising the pair answered exactly as well as reading it, and the model did not read it."""
     return as_of(history, n_clusters, window, step or training_step(window), top_r, min_support)
+
+
+def popular_fill(ranked: list[int], popular: np.ndarray, exclude: tuple[int, int], n: int) -> list[int]:
+    """The first n of ``ranked`` that are not in ``exclude`` (a pair's own clusters), then the most popular
+    others; padded with -1: how a count table answers (replay's ``counts``, the probe's evidence alone)."""
+    out = [c for c in ranked if c not in exclude][:n]
+    for c in popular.tolist():
+        if len(out) >= n:
+            break
+        if c not in exclude and c not in out:
+            out.append(c)
+    return out + [-1] * (n - len(out))

@@ -32,7 +32,7 @@ from recupdate_workloads.jobs import counting
 from recupdate_workloads.jobs.change import table_change
 from recupdate_workloads.jobs.config import RunConfig
 from recupdate_workloads.jobs.gates import GateThresholds, gates, hits, lookup_predictions
-from recupdate_workloads.jobs.materialize import Materialized, materialize, publish
+from recupdate_workloads.jobs.materialize import materialize, publish
 from recupdate_workloads.model.predictor import Predictor, local_path
 from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store import evidence as ev
@@ -121,8 +121,22 @@ def ensure_base(store: Store, cfg: RunConfig, catalogue: Catalogue) -> str:
     return str(base)
 
 
+def _active_table(store: Store, cfg: RunConfig) -> tuple[str, dict[tuple[int, int], list[int]]] | None:
+    """(release id, its table as ranked cluster ids) of the active release; None before the first one. Read
+    once per candidate: the gates and the change both compare with it."""
+    active = reg.get_release(store, cfg.active_release) if cfg.active_release else reg.active_release(store)
+    if active is None or active.table_version is None:
+        return None
+    served = tables.load_table(store, active.table_version).as_dict()
+    return active.release_id, {k: [c for c, _, _ in v] for k, v in served.items()}
+
+
 def _evaluate(
-    store: Store, cfg: RunConfig, predictor: Predictor, catalogue: Catalogue
+    store: Store,
+    cfg: RunConfig,
+    predictor: Predictor,
+    catalogue: Catalogue,
+    active: tuple[str, dict[tuple[int, int], list[int]]] | None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Gates on the held-out slice [holdout_start, end), evidence as of holdout_start, paired with the active
     release's served table on the same triples."""
@@ -135,17 +149,14 @@ def _evaluate(
     (llm_ids, _), (ids, _) = predictor.rank_blends(pairs[:, 0], pairs[:, 1], evidence, 5, (0.0, cfg.blend))
     llm_table = {(int(a), int(b)): row.tolist() for (a, b), row in zip(pairs, llm_ids, strict=True)}
     table = {(int(a), int(b)): row.tolist() for (a, b), row in zip(pairs, ids, strict=True)}
-    cand = hits(lookup_predictions(table, test), test.c_next)
+    pred = lookup_predictions(table, test)
+    cand = hits(pred, test.c_next)
     llm_pred = lookup_predictions(llm_table, test)
     llm_hits = hits(llm_pred, test.c_next)
-    active_hits = None
-    active = reg.get_release(store, cfg.active_release) if cfg.active_release else reg.active_release(store)
-    if active is not None and active.table_version is not None:
-        served = tables.load_table(store, active.table_version).as_dict()
-        active_hits = hits(lookup_predictions({k: [c for c, _, _ in v] for k, v in served.items()}, test), test.c_next)
+    active_hits = hits(lookup_predictions(active[1], test), test.c_next) if active is not None else None
     exact = predictor.exact_match(pairs[:, 0], pairs[:, 1], evidence)
     verdict = gates(exact, cand, active_hits, GateThresholds.from_config(cfg.gates))
-    top1 = lookup_predictions(table, test)[:, 0] == test.c_next
+    top1 = pred[:, 0] == test.c_next
     metrics = {
         "exactMatch": exact,
         "recall@5": float(cand.mean()) if len(cand) else 0.0,
@@ -171,14 +182,14 @@ def _candidate(
     from recupdate_workloads.model.prompt import prompt_hash
 
     predictor = Predictor.load(base, adapter_uri, catalogue, with_evidence, cfg.top_successors)
-    metrics, verdict = _evaluate(store, cfg, predictor, catalogue)
+    active = _active_table(store, cfg)
+    metrics, verdict = _evaluate(store, cfg, predictor, catalogue, active)
     snap = refresh_snapshot(store, cfg, cfg.window_end, catalogue)
     evidence = ev.load_evidence(store, snap.snapshot_id)
     m = materialize(predictor, evidence, TABLE_TOP_N, blend=cfg.blend)
     version = publish(store, m, snap.snapshot_id, adapter_uri)
-    change = _change(store, cfg, m)
-    if change is not None:
-        metrics["change"] = change
+    if active is not None:  # the first release has nothing to compare with
+        metrics["change"] = table_change(m.as_table(), active[1]).as_dict() | {"against": active[0]}
     metrics |= {
         "pairs": len(m.c1),
         "materializePairsPerSecond": round(m.pairs_per_second, 1),
@@ -201,17 +212,6 @@ def _candidate(
     )
     reg.register_release(store, rel)
     return rel
-
-
-def _change(store: Store, cfg: RunConfig, m: Materialized) -> dict[str, Any] | None:
-    """The candidate table's change against the active release's (jobs/change.py), None when nothing is
-    active yet (the first release)."""
-    active = reg.get_release(store, cfg.active_release) if cfg.active_release else reg.active_release(store)
-    if active is None or active.table_version is None:
-        return None
-    served = tables.load_table(store, active.table_version).as_dict()
-    figures = table_change(m.as_table(), {k: [c for c, _, _ in v] for k, v in served.items()})
-    return figures.as_dict() | {"against": active.release_id}
 
 
 class _Run:

@@ -213,14 +213,8 @@ def _evaluate_real(data: ProbeData, model: Any, tok: Any, s: ProbeSetting) -> di
 
 
 def _evidence_top(e: PairEvidence | None, popular: np.ndarray, pair: tuple[int, int], n: int) -> np.ndarray:
-    out = [s.cluster for s in e.successors] if e is not None else []
-    out = [c for c in out if c not in pair][:n]
-    for c in popular.tolist():
-        if len(out) >= n:
-            break
-        if c not in pair and c not in out:
-            out.append(c)
-    return np.array(out + [-1] * (n - len(out)), np.int64)
+    ranked = [s.cluster for s in e.successors] if e is not None else []
+    return np.array(evidence_mem.popular_fill(ranked, popular, pair, n), np.int64)
 
 
 #: Support buckets of ``copy_agreement_by_support``: held-out pairs are mostly sparse, training triples are not.

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from recupdate_workloads.data.evidence import popular_fill
 from recupdate_workloads.data.sequences import period_edges
 from recupdate_workloads.data.types import Catalogue, PairEvidence, Triples
 from recupdate_workloads.store import evidence as ev
@@ -84,16 +85,6 @@ def predictions(s: Strategy, c1: np.ndarray, c2: np.ndarray, n: int) -> dict[str
     return {s.name: s.predict(c1, c2, n)}
 
 
-def _popular_fill(ranked: list[int], popular: np.ndarray, exclude: tuple[int, int], n: int) -> list[int]:
-    out = [c for c in ranked if c not in exclude][:n]
-    for c in popular.tolist():
-        if len(out) >= n:
-            break
-        if c not in exclude and c not in out:
-            out.append(c)
-    return out + [-1] * (n - len(out))
-
-
 class EvidenceTable:
     """Predictions from an evidence snapshot: a pair's ranked successors, then global popularity."""
 
@@ -106,7 +97,7 @@ class EvidenceTable:
         cache: dict[tuple[int, int], list[int]] = {}
         for i, key in enumerate(zip(c1.tolist(), c2.tolist(), strict=True)):
             if key not in cache:
-                cache[key] = _popular_fill(self.table.get(key, []), self.popular, key, n)
+                cache[key] = popular_fill(self.table.get(key, []), self.popular, key, n)
             out[i] = cache[key]
         return out
 
