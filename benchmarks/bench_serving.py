@@ -42,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import free_port, fresh_store, median, percentile, postgres, wait_http
+from recupdate_workloads.contract.serve import APP_NAME
 from recupdate_workloads.serving.demo_store import MISSING_PAIRS, build_demo_store
 
 
@@ -152,6 +153,88 @@ async def closed_loop(
     await asyncio.gather(*(worker(ports[i % len(ports)]) for i in range(concurrency)))
     run.seconds = time.perf_counter() - t
     return run
+
+
+async def grpc_closed_loop(port: int, bodies: list[bytes], requests: int, concurrency: int, *, batch: bool) -> Run:
+    """The same closed loop over Serve's gRPC proxy (serving.grpc_api): ``concurrency`` channels (one HTTP/2
+    connection each), bodies already serialized, every answer parsed and checked (status OK, one result per
+    context, and a release)."""
+    import grpc
+
+    from recupdate_workloads.serving import grpc_api
+
+    run = Run()
+    counter = itertools.count()
+    out_cls = grpc_api.RecommendBatchResponseMessage if batch else grpc_api.RecommendResponseMessage
+    method = f"/{grpc_api.FULL_SERVICE}/{'RecommendBatch' if batch else 'Recommend'}"
+    metadata = (("application", APP_NAME),)
+
+    async def worker() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary(method, request_serializer=None, response_deserializer=out_cls.FromString)
+            while (i := next(counter)) < requests:
+                t0 = time.perf_counter()
+                try:
+                    out = await call(bodies[i % len(bodies)], metadata=metadata)
+                except grpc.aio.AioRpcError as exc:
+                    run.errors.append(f"{exc.code().name}: {exc.details()}")
+                    continue
+                t1 = time.perf_counter()
+                if not out.release or (batch and not out.results) or (not batch and not out.clusters):
+                    run.errors.append(f"empty answer: {out}")
+                    continue
+                run.starts.append(t0)
+                run.latencies_ms.append((t1 - t0) * 1000)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    run.seconds = time.perf_counter() - t
+    return run
+
+
+def _grpc_bodies(singles: list[bytes], batches: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """The same contexts as serialized gRPC requests."""
+    from recupdate_workloads.serving import grpc_api
+
+    def one(doc: dict[str, Any]) -> Any:
+        return grpc_api.request_message(doc["recent_clusters"], doc.get("n", 10))
+
+    single = [one(json.loads(b)).SerializeToString() for b in singles]
+    batch = [
+        grpc_api.RecommendBatchRequestMessage(requests=[one(d) for d in json.loads(b)["requests"]]).SerializeToString()
+        for b in batches
+    ]
+    return single, batch
+
+
+def measure_grpc(port: int, singles: list[bytes], batches: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+    """measure_both over gRPC: CPU per request by process over one run, then the measured runs."""
+    out: dict[str, Any] = {}
+    for kind, bodies, contexts in (("runs", singles, 1), ("batch_runs", batches, args.batch)):
+        if not bodies:
+            continue
+        requests = args.requests if contexts == 1 else max(200, args.requests // 10)
+        asyncio.run(
+            grpc_closed_loop(
+                port, bodies, max(50, args.warmup // max(1, contexts // 8)), args.concurrency, batch=contexts > 1
+            )
+        )
+        if contexts == 1:
+            cpu0 = _cpu_by_role()
+            r = asyncio.run(grpc_closed_loop(port, bodies, requests, args.concurrency, batch=False))
+            cpu = _cpu_delta(cpu0, _cpu_by_role())
+            out["cpu_ms_per_request"] = {k: round(v * 1000 / max(1, r.ok), 3) for k, v in cpu.items()}
+            out["stage_ms"] = {"client": round(sum(r.latencies_ms) / max(1, r.ok), 3)}
+        runs = []
+        for _ in range(args.repeats):
+            r = asyncio.run(grpc_closed_loop(port, bodies, requests, args.concurrency, batch=contexts > 1))
+            if r.errors:
+                print(f"    errors: {len(r.errors)}, first: {r.errors[0]}")
+            summary = r.summary()
+            summary["contexts_per_s"] = summary["rps"] * contexts
+            runs.append(summary)
+        out[kind] = runs
+    return out
 
 
 def _payloads(n_clusters: int, count: int = 512, seed: int = 0) -> list[bytes]:
@@ -442,7 +525,8 @@ def bench_serve(
         background_swap="auto" if swap == "auto" else swap == "background",
         max_ongoing_requests=int(opts.get("max_ongoing_requests", args.max_ongoing_requests)),
     )
-    config = sv.deploy_config([app], port=port)
+    grpc_port = None if args.no_grpc else free_port()
+    config = sv.deploy_config([app], port=port, grpc_port=grpc_port)
     t0 = time.perf_counter()
     sv.deploy(config, timeout_s=300)
     out: dict[str, Any] = {
@@ -468,6 +552,9 @@ def bench_serve(
         if args.rollouts:
             config, res["rollout"] = rollouts_under_load(ports, demo, payloads, config, args)
         out["paths"][name] = res
+    if grpc_port is not None:
+        print(f"  grpc [{grpc_port}] ...", flush=True)
+        out["paths"]["grpc"] = {"ports": [grpc_port], **measure_grpc(grpc_port, *_grpc_bodies(payloads, batches), args)}
     return out
 
 
@@ -596,6 +683,7 @@ def main() -> None:
     ap.add_argument("--skip-uvicorn", action="store_true", help="no uvicorn baseline")
     ap.add_argument("--skip-serve", action="store_true", help="no Ray Serve (e.g. only --table-pairs)")
     ap.add_argument("--no-access-log", action="store_true", help="turn off Serve's per-request access log")
+    ap.add_argument("--no-grpc", action="store_true", help="do not also measure Serve's gRPC proxy (serving.grpc_api)")
     ap.add_argument(
         "--throughput-optimized",
         action="store_true",

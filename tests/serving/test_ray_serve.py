@@ -28,8 +28,9 @@ SLOW_OK = {"online_timeout_ms": 10_000}  # the real model must win its race on a
 
 
 class Served:
-    def __init__(self, url: str, demo: DemoStore, store: Store) -> None:
+    def __init__(self, url: str, demo: DemoStore, store: Store, grpc_port: int) -> None:
         self.url = url
+        self.grpc_port = grpc_port
         self.demo = demo
         self.store = store
 
@@ -56,9 +57,10 @@ def served(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     app = sv.serve_application(
         {**demo.releases["rel-a"], **SLOW_OK}, 1, num_cpus=0.5, env_vars={"RECUPDATE_STORE_DSN": pg_dsn}
     )
-    sv.deploy(sv.deploy_config([app], port=port), timeout_s=180)
+    grpc_port = free_port()
+    sv.deploy(sv.deploy_config([app], port=port, grpc_port=grpc_port), timeout_s=180)
     try:
-        yield Served(f"http://127.0.0.1:{port}", demo, store)
+        yield Served(f"http://127.0.0.1:{port}", demo, store, grpc_port)
     finally:
         sv.shutdown()
         if started:
@@ -260,6 +262,33 @@ def test_batch_through_the_proxy(served: Served) -> None:
         assert r.json()["results"] == [_post(c, it["recent_clusters"], it.get("n", 10)) for it in items]
         over = c.post("/recommend/batch", json={"requests": items * 20})
         assert over.status_code == 413 and "at most 256" in over.json()["message"]
+
+
+def test_grpc_through_the_proxy(served: Served) -> None:
+    """Serve's gRPC proxy routes recupdate.v1.Recommender to the replica: the HTTP API's answers, its errors as
+    gRPC status codes."""
+    import grpc
+
+    from recupdate_workloads.serving import deployment as sv
+    from recupdate_workloads.serving import grpc_api as g
+
+    sv.roll(served.uc("rel-a"))
+    contexts = [[a, b] for a, b in HITS[:10]] + [[2]]
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as ch,
+        httpx.Client(base_url=served.url, timeout=30) as c,
+    ):
+        stub = g.RecommenderStub(ch, application=sv.APP_NAME)
+        for recent in contexts:
+            got = stub.Recommend(g.request_message(recent, 3), metadata=stub.metadata, timeout=30)
+            assert g.response_dict(got) == _post(c, recent, 3)
+        batch = g.RecommendBatchRequestMessage(requests=[g.request_message(r, 3) for r in contexts])
+        out = stub.RecommendBatch(batch, metadata=stub.metadata, timeout=30)
+        assert [g.response_dict(r) for r in out.results] == [_post(c, r, 3) for r in contexts]
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.Recommend(g.request_message([0, 1], n=101), metadata=stub.metadata, timeout=30)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "n: Input should be less than or equal to 100" in exc.value.details()
 
 
 def _scrape(name: str, **labels: str) -> float:

@@ -29,6 +29,10 @@ ROUTE_PREFIX = "/"
 #: Requests one replica takes at once. The handler is async and a table hit takes microseconds, so the
 #: default of Ray Serve (5) would queue requests in the proxy for nothing.
 DEFAULT_MAX_ONGOING_REQUESTS = 64
+#: What Serve's ``grpc_options.grpc_servicer_functions`` lists for the gRPC API (serving.grpc_api).
+GRPC_SERVICER_FUNCTION = "recupdate_workloads.serving.grpc_api.add_RecommenderServicer_to_server"
+#: The port of Serve's gRPC proxy when it is on (Serve's documented example port).
+DEFAULT_GRPC_PORT = 9000
 
 
 class CanaryConfig(BaseModel):
@@ -188,20 +192,30 @@ def serve_application(
     return app
 
 
+def grpc_options(port: int = DEFAULT_GRPC_PORT) -> dict[str, Any]:
+    """Serve's ``grpc_options`` that serve ``recupdate.v1.Recommender`` (serving.grpc_api) on ``port``."""
+    return {"port": int(port), "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]}
+
+
 def deploy_config(
     applications: list[dict[str, Any]],
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
     proxy_location: str = "HeadOnly",
+    grpc_port: int | None = None,
 ) -> dict[str, Any]:
-    """A whole Serve deploy config (``ServeDeploySchema``) for local mode. KubeRay sets the HTTP options
-    itself, so its ``serveConfigV2`` holds only ``applications``."""
-    return {
+    """A whole Serve deploy config (``ServeDeploySchema``) for local mode; ``grpc_port`` also starts Serve's
+    gRPC proxy there (grpc_options). KubeRay sets the HTTP options itself, so its ``serveConfigV2`` holds only
+    ``applications``."""
+    config: dict[str, Any] = {
         "proxy_location": proxy_location,
         "http_options": {"host": host, "port": int(port)},
         "applications": applications,
     }
+    if grpc_port is not None:
+        config["grpc_options"] = grpc_options(grpc_port)
+    return config
 
 
 def _deployment(config: Mapping[str, Any], app: str, deployment: str) -> dict[str, Any] | None:

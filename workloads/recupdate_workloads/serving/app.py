@@ -410,15 +410,25 @@ def _echoes(errors: Sequence[Mapping[str, Any]], reserved: int = 0) -> list[dict
     return errs
 
 
+def _message(errors: Sequence[Mapping[str, Any]], errs: Sequence[Mapping[str, Any]], hint: str = "") -> str:
+    message = hint + _summary(errs)
+    if len(errors) > len(errs):
+        message += f" (and {len(errors) - len(errs)} more errors)"
+    return message
+
+
+def invalid_message(errors: Sequence[Mapping[str, Any]]) -> str:
+    """The message of a 422 (or 413) answer for these validation errors, bounded as the answer is; the gRPC
+    API (serving.grpc_api) words its INVALID_ARGUMENT details with it."""
+    return _message(errors, _echoes(errors))
+
+
 def _invalid(errors: Sequence[Mapping[str, Any]], hint: str = "", extra: Mapping[str, Any] | None = None) -> Response:
     """The 422 answer (413 for a batch over its limit): the first errors (_echoes); the message says how many
     were left out. Its cost does not grow with the input: nothing is serialised whole and cut afterwards.
     ``extra``: further keys of the body."""
-    total = len(errors)
     errs = _echoes(errors, len(hint.encode()))
-    message = hint + _summary(errs)
-    if total > len(errs):
-        message += f" (and {total - len(errs)} more errors)"
+    message = _message(errors, errs, hint)
     code = 413 if any(e.get("type") == BATCH_TOO_LARGE for e in errs) else 422
     return Response(_error_body(message, errs, extra), status_code=code, media_type="application/json")
 

@@ -33,6 +33,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schema", default=None, help="the policy's schema (default: the only one with an active release)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host of Serve's proxy")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of Serve's proxy")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve the gRPC API (recupdate.v1.Recommender, docs/serving.md) through Serve's gRPC proxy here",
+    )
     p.add_argument("--replicas", type=int, default=1, help="replicas of the recommender")
     p.add_argument("--replica-cpus", type=float, default=0.5, help="CPUs reserved per replica")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
@@ -167,11 +173,13 @@ def run(args: argparse.Namespace) -> int:
         env_vars={file_env(DSN_ENV): str(dsn_file)},
         access_log=not args.no_access_log,
     )
-    config = deploy_config([app], host=args.host, port=args.port)
+    config = deploy_config([app], host=args.host, port=args.port, grpc_port=args.grpc_port)
     try:
         sv.deploy(config, timeout_s=300)
         print(f"serving release {rel.release_id} of schema {schema} at {base_url}", flush=True)
         print("  POST /recommend  GET /release  GET /healthz", flush=True)
+        if args.grpc_port is not None:
+            print(f"  gRPC recupdate.v1.Recommender at {args.host}:{args.grpc_port}", flush=True)
 
         def roll(new: Any) -> None:
             nonlocal config

@@ -33,7 +33,15 @@ from recupdate_workloads.contract.serve import (
     user_config_of,
     with_user_config,
 )
-from recupdate_workloads.serving.app import RecommenderService, make_api
+from recupdate_workloads.serving.app import (
+    MAX_BATCH_BODY_BYTES,
+    MAX_BATCH_BODY_BYTES_ENV,
+    RecommenderService,
+    invalid_message,
+    make_api,
+    max_body_bytes,
+)
+from recupdate_workloads.serving.grpc_api import serve_grpc
 
 __all__ = [
     "APP_NAME",
@@ -80,6 +88,18 @@ class Recommender:
 
     def __serve_build_asgi_app__(self) -> Any:
         return make_api(self.service)
+
+    # gRPC (serving.grpc_api): Serve's gRPC proxy calls the method named as the RPC, with the request's bytes.
+    async def Recommend(self, request: bytes, grpc_context: Any = None) -> Any:  # the RPC's name
+        """``recupdate.v1.Recommender/Recommend``: what POST /recommend answers, as a RecommendResponse."""
+        return await serve_grpc(
+            self.service, request, grpc_context, batch=False, limit=max_body_bytes(), message=invalid_message
+        )
+
+    async def RecommendBatch(self, request: bytes, grpc_context: Any = None) -> Any:
+        """``recupdate.v1.Recommender/RecommendBatch``: what POST /recommend/batch answers."""
+        limit = max_body_bytes(name=MAX_BATCH_BODY_BYTES_ENV, default=MAX_BATCH_BODY_BYTES)
+        return await serve_grpc(self.service, request, grpc_context, batch=True, limit=limit, message=invalid_message)
 
     async def release_info(self) -> dict[str, Any]:
         """What GET /release answers, for deployment handles."""
@@ -136,9 +156,10 @@ def deploy(config: Mapping[str, Any], *, wait: bool = True, timeout_s: float = 1
     from ray.serve.context import _get_global_client
 
     client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:  # HTTP options are fixed when Serve starts; later deploys keep them
+    if client is None:  # HTTP and gRPC options are fixed when Serve starts; later deploys keep them
         serve.start(
             http_options=dict(config.get("http_options") or {}),
+            grpc_options=dict(config.get("grpc_options") or {}) or None,
             proxy_location=config.get("proxy_location") or "HeadOnly",
         )
         client = _client()

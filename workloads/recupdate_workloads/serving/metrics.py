@@ -8,9 +8,10 @@ Exported names (Ray adds the ``ray_`` prefix, and ``_total`` to counters; docs/s
 - ``recupdate_serve_outcomes`` (counter; ``endpoint``, ``outcome``): contexts answered, one per context (a
   batch of k adds k), by how: ``table_hit``, ``online`` (online generation), ``evidence`` (evidence fallback),
   ``popular`` (popularity fallback, including contexts of fewer than two distinct clusters).
-- ``recupdate_serve_requests`` (counter; ``endpoint``, ``code``): HTTP requests by status code.
+- ``recupdate_serve_requests`` (counter; ``endpoint``, ``code``): requests by status: the HTTP status code, or
+  for the gRPC API (serving.grpc_api) the gRPC status name (``OK``, ``INVALID_ARGUMENT``, ...).
 - ``recupdate_serve_latency_ms`` (histogram; ``endpoint``): time in the app, from the first byte of the body
-  read to the last byte of the answer written.
+  read to the last byte of the answer written (over gRPC: from the request's bytes to the response message).
 - ``recupdate_serve_table_version`` (gauge): the table version served; ``recupdate_serve_release_load_seconds``
   (gauge): how long the served release took to load.
 
@@ -56,7 +57,7 @@ class ServingMetrics:
         )
         self._requests = metrics.Counter(
             REQUESTS_METRIC,
-            description="HTTP requests to /recommend and /recommend/batch.",
+            description="Requests to /recommend and /recommend/batch (HTTP status code, or gRPC status name).",
             tag_keys=("endpoint", "code"),  # type: ignore[arg-type]
         )
         self._latency = metrics.Histogram(
@@ -80,7 +81,8 @@ class ServingMetrics:
             if k:
                 self._outcomes.inc(k, tags={"endpoint": endpoint, "outcome": outcome})
 
-    def request(self, endpoint: str, code: int, ms: float) -> None:
+    def request(self, endpoint: str, code: int | str, ms: float) -> None:
+        """One request: its HTTP status code, or its gRPC status name (``OK``, ``INVALID_ARGUMENT``, ...)."""
         self._requests.inc(1, tags={"endpoint": endpoint, "code": str(code)})
         self._latency.observe(ms, tags={"endpoint": endpoint})
 
