@@ -596,6 +596,13 @@ class ServingSpec(CamelModel):
         max_length=63,
         description="Ray Serve deployment name in the application.",
     )
+    grpc_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Also serve the gRPC API (recupdate.v1.Recommender, docs/serving.md) through Ray Serve's gRPC "
+        "proxy on this port of the Ray head. Unset: HTTP only.",
+    )
 
 
 class EnvVar(CamelModel):

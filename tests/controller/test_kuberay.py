@@ -153,6 +153,17 @@ def test_serve_config_is_the_one_source() -> None:
     assert dep["user_config"] == {**USER_CONFIG, "table_version": 7}
     with pytest.raises(ValueError, match="lacks"):
         serve_config(p.spec, {"release_id": "r1"})
+    assert "grpc_options" not in config  # HTTP only unless spec.serving.grpcPort
+    g = serve_config(policy(serving={"grpcPort": 9000}).spec, USER_CONFIG)
+    assert g["grpc_options"] == {
+        "port": 9000,
+        "grpc_servicer_functions": ["recupdate_workloads.serving.grpc_api.add_RecommenderServicer_to_server"],
+    }
+    # the servicer function Serve imports exists under that path
+    import importlib
+
+    mod, _, fn = g["grpc_options"]["grpc_servicer_functions"][0].rpartition(".")
+    assert callable(getattr(importlib.import_module(mod), fn))
 
 
 def test_rayservice_manifest_and_roll() -> None:

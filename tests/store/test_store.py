@@ -253,3 +253,28 @@ def test_transition_tables(store: Store) -> None:
     }
     with pytest.raises(LookupError):
         tables.load_table(store, v + 100)
+
+
+def test_a_rate_bounded_load_gives_the_same_table(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    pairs = sorted({(int(a), int(b)) for a, b in rng.integers(0, 60, (900, 2)) if a != b})
+    c1, c2 = (np.array(x) for x in zip(*pairs, strict=True))
+    ids = rng.integers(0, 60, (len(pairs), 4)).astype(np.int32)
+    ids[::7, 3] = -1  # short rows too
+    scores = rng.random((len(pairs), 4)).astype(np.float32)
+    source = rng.integers(0, 2, len(pairs))
+    v = tables.publish_table(store, c1, c2, ids, scores, source, None, "r")
+    whole = tables.load_table(store, v)
+    monkeypatch.setattr(tables, "LOAD_CHUNK_ROWS", 500)  # ~3,300 rows: several chunks, split by c1
+    slept: list[float] = []
+    bounded = tables.load_table(store, v, duty=0.25, sleep=slept.append)
+    assert len(slept) >= 6 and all(s >= 0 for s in slept)
+    for a, b in zip(
+        (whole.c1, whole.c2, whole.ids, whole.scores, whole.source),
+        (bounded.c1, bounded.c2, bounded.ids, bounded.scores, bounded.source),
+        strict=True,
+    ):
+        assert np.array_equal(a, b)
+    assert len(whole.c1) == len(pairs)
+    with pytest.raises(ValueError, match="duty"):
+        tables.load_table(store, v, duty=0)

@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import yaml
 
 from recupdate_workloads.contract.env import DSN_ENV
-from recupdate_workloads.contract.serve import serve_application
+from recupdate_workloads.contract.serve import grpc_options, serve_application
 
 from ..api import PolicySpec, schema_name
 from ..planner import LaunchRun, ObservedJob
@@ -149,7 +149,8 @@ def gpu_count(gpus: float) -> int:
 def serve_config(spec: PolicySpec, user_config: Mapping[str, Any]) -> dict[str, Any]:
     """The Serve config of a policy serving `user_config` ({release_id, adapter_uri, table_version,
     store_schema}): ``{"applications": [...]}``, the shape of Ray Serve's ServeDeploySchema and of KubeRay's
-    serveConfigV2. HTTP options are left to the platform (KubeRay sets them; local mode adds its own)."""
+    serveConfigV2. HTTP options are left to the platform (KubeRay sets them; local mode adds its own); with
+    ``spec.serving.grpcPort``, ``grpc_options`` start Serve's gRPC proxy with the recommender's service."""
     serving = spec.serving
     res = serving.resources
     env_vars = {e.name: e.value for e in spec.runtime.env if e.name != DSN_ENV}
@@ -164,7 +165,10 @@ def serve_config(spec: PolicySpec, user_config: Mapping[str, Any]) -> dict[str, 
         memory_bytes=quantity_bytes(res.memory),
         background_swap=None,
     )
-    return {"applications": [app]}
+    config: dict[str, Any] = {"applications": [app]}
+    if serving.grpc_port is not None:
+        config["grpc_options"] = grpc_options(serving.grpc_port)
+    return config
 
 
 def dump_serve_config(config: Mapping[str, Any]) -> str:

@@ -56,6 +56,7 @@ from recupdate_workloads.serving.intake import (
     intake_max_body_bytes,
 )
 from recupdate_workloads.serving.metrics import ServingMetrics
+from recupdate_workloads.serving.release import swap_duty
 from recupdate_workloads.serving.schema import (
     BATCH_TOO_LARGE,
     RecommendBatchRequest,
@@ -456,6 +457,7 @@ def make_api(
     api.router.route_class = StrictJSONRoute
     with_intake = service.intake is not None and intake_enabled()
     max_batch()  # a bad $RECUPDATE_SERVE_MAX_BATCH fails here, at start-up
+    swap_duty()  # and a bad $RECUPDATE_SERVE_SWAP_DUTY
     per_path = {
         BATCH_PATH: max_body_bytes(name=MAX_BATCH_BODY_BYTES_ENV, default=MAX_BATCH_BODY_BYTES)
         if batch_body_limit is None

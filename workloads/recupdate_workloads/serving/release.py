@@ -332,10 +332,30 @@ def canary_config(cfg: UserConfig) -> UserConfig | None:
     )
 
 
-def load_release(cfg: UserConfig, environ: Mapping[str, str] | None = None) -> Loaded:
+#: The share of time a background swap's table load may work (store.tables.load_table's ``duty``), so that the
+#: replica and its PostgreSQL backend leave the cores to the requests still being answered (docs/serving.md).
+SWAP_DUTY = 0.5
+SWAP_DUTY_ENV = "RECUPDATE_SERVE_SWAP_DUTY"
+
+
+def swap_duty(environ: Mapping[str, str] | None = None) -> float:
+    """``$RECUPDATE_SERVE_SWAP_DUTY`` (a number in (0, 1]; 1: no bound) when set, else SWAP_DUTY."""
+    raw = (os.environ if environ is None else environ).get(SWAP_DUTY_ENV, "").strip()
+    if not raw:
+        return SWAP_DUTY
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise ValueError(f"${SWAP_DUTY_ENV} must be a number in (0, 1], got {raw[:40]!r}")
+    return value
+
+
+def load_release(cfg: UserConfig, environ: Mapping[str, str] | None = None, *, duty: float = 1.0) -> Loaded:
     """Build a bundle from the store (blocking: run it in a thread). Raises on anything that makes the
     release unservable: no DSN, no catalogue, an unpublished table, a table naming unknown clusters, an
-    adapter that does not load."""
+    adapter that does not load. ``duty`` < 1 bounds the table load's rate (a background swap)."""
     from recupdate_workloads.model.prompt import prompt_hash
 
     t0 = time.perf_counter()
@@ -352,7 +372,7 @@ def load_release(cfg: UserConfig, environ: Mapping[str, str] | None = None) -> L
         catalogue = _load_clusters(store)
         if not len(catalogue):
             raise LookupError(f"schema {cfg.store_schema} has no clusters")
-        table = load_table(store, cfg.table_version)
+        table = load_table(store, cfg.table_version, duty=duty)
         if table.ids.size and int(table.ids.max()) >= len(catalogue):
             raise ValueError(f"table v{cfg.table_version} names clusters beyond the catalogue ({len(catalogue)})")
         rel = get_release(store, cfg.release_id)

@@ -31,6 +31,7 @@ from recupdate_workloads.serving.release import (
     last_two_distinct,
     load_release,
     rank_online,
+    swap_duty,
 )
 from recupdate_workloads.serving.schema import RecommendRequest, UnknownClusters
 
@@ -76,6 +77,10 @@ class RecommenderService:
         # together with `loaded`, in one step of the event loop, so a request never sees half a rollout.
         self.canary: tuple[Loaded, float] | None = None
         self.loader: Loader = loader or (lambda cfg: load_release(cfg))
+        # A background swap loads at a bounded rate (release.swap_duty); a custom loader is called as it is.
+        self._swap_loader: Loader = (
+            self.loader if loader is not None else (lambda cfg: load_release(cfg, duty=swap_duty(environ)))
+        )
         self.rank_fn = rank_fn
         self.last_error: str | None = None
         self.last_attempt: dict[str, Any] | None = None
@@ -150,8 +155,9 @@ class RecommenderService:
                 elif old is None:
                     new = await asyncio.to_thread(self.loader, cfg)
                 else:
+                    load = self._swap_loader if cfg.background_swap else self.loader
                     with _short_gil_slices():  # requests keep being answered while the loader thread runs
-                        new = await asyncio.to_thread(self.loader, cfg)
+                        new = await asyncio.to_thread(load, cfg)
                 # The canary slot: loaded beside the served release, or kept when it is the same candidate. A
                 # candidate that fails to load fails the whole reconfigure (retried), so the canary arm is only
                 # ever answered by the candidate it is scored as.

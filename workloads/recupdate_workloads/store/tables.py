@@ -6,7 +6,10 @@ written to its own table, indexed, and only then marked published, so no reader 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from psycopg import sql
@@ -79,26 +82,58 @@ def publish_table(
 _REC = np.dtype([("c1", ">i4"), ("c2", ">i4"), ("rank", ">i4"), ("cluster", ">i4"), ("score", ">f4"), ("src", ">i4")])
 
 
-def load_table(store: Store, version: int) -> TransitionTable:
+#: Rows per packed chunk of a rate-bounded load (load_table's ``duty``).
+LOAD_CHUNK_ROWS = 20_000
+
+
+def load_table(
+    store: Store, version: int, *, duty: float = 1.0, sleep: Callable[[float], None] = time.sleep
+) -> TransitionTable:
     """A published table version, whole, for in-memory serving.
 
     PostgreSQL packs the rows into one bytea of fixed records that numpy reads in place: fetching rows as
     Python tuples held the GIL for about half a second per 300k rows, which stalled a serving replica's
-    requests while it loaded a new release."""
+    requests while it loaded a new release.
+
+    ``duty`` < 1 bounds the load's rate (a replica's background swap, docs/serving.md): the rows come in
+    chunks of about LOAD_CHUNK_ROWS by ranges of c1, and after each chunk the loader sleeps so that it (and
+    the PostgreSQL backend packing for it) works at most ``duty`` of the time. The result is the same."""
+    if not 0 < duty <= 1:
+        raise ValueError(f"duty must be in (0, 1], got {duty}")
+    name = store.ident(f"transitions_v{version}")
+    pack = sql.SQL(
+        "SELECT string_agg(int4send(c1) || int4send(c2) || int4send(rank::int) || int4send(cluster)"
+        " || float4send(score) || int4send(array_position(%s::text[], source) - 1), ''::bytea"
+        " ORDER BY c1, c2, rank) FROM {}"
+    ).format(name)
+    parts: list[bytes] = []
     with store.tx() as c:
         st = c.execute("SELECT state FROM transition_tables WHERE table_version = %s", (version,)).fetchone()
         if st is None or st[0] != "published":
             raise LookupError(f"transition table version {version} is not published")
-        row = c.execute(
-            sql.SQL(
-                "SELECT string_agg(int4send(c1) || int4send(c2) || int4send(rank::int) || int4send(cluster)"
-                " || float4send(score) || int4send(array_position(%s::text[], source) - 1), ''::bytea"
-                " ORDER BY c1, c2, rank) FROM {}"
-            ).format(store.ident(f"transitions_v{version}")),
-            (list(SOURCES),),
-            binary=True,
-        ).fetchone()
-    arr = np.frombuffer(row[0] if row and row[0] is not None else b"", dtype=_REC)
+        if duty >= 1:
+            row = c.execute(pack, (list(SOURCES),), binary=True).fetchone()
+            parts.append(row[0] if row and row[0] is not None else b"")
+        else:
+            # c1 bounds of chunks of about LOAD_CHUNK_ROWS rows each, from the primary key's order
+            bounds = [
+                int(r[0])
+                for r in c.execute(
+                    sql.SQL(
+                        "SELECT c1 FROM (SELECT c1, row_number() OVER (ORDER BY c1) AS i FROM {}) t"
+                        " WHERE i %% %s = 1 GROUP BY c1 ORDER BY c1"
+                    ).format(name),
+                    (LOAD_CHUNK_ROWS,),
+                ).fetchall()
+            ]
+            for lo, hi in zip(bounds, [*bounds[1:], None], strict=True):
+                t0 = time.perf_counter()
+                where = sql.SQL(" WHERE c1 >= %s") + (sql.SQL(" AND c1 < %s") if hi is not None else sql.SQL(""))
+                args: tuple[Any, ...] = (list(SOURCES), lo) if hi is None else (list(SOURCES), lo, hi)
+                row = c.execute(sql.Composed([pack, where]), args, binary=True).fetchone()
+                parts.append(row[0] if row and row[0] is not None else b"")
+                sleep((time.perf_counter() - t0) * (1 / duty - 1))
+    arr = np.frombuffer(b"".join(parts), dtype=_REC)
     if not len(arr):
         z = np.zeros(0, np.int32)
         return TransitionTable(
