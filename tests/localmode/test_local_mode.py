@@ -151,7 +151,7 @@ DRIFT_POLICY = POLICY.replace(
 
 @pytest.mark.usefixtures("stops_store")
 def test_fine_tunes_on_measured_drift_without_a_schedule(tmp_path: Path) -> None:
-    out = _local(tmp_path, "60d", policy_text=DRIFT_POLICY)
+    out = _local(tmp_path, "30d", policy_text=DRIFT_POLICY)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = _runs(tmp_path)
     ft = sorted(_when(r[0]) for r in runs if r[1] == "finetune")
