@@ -69,7 +69,7 @@ def test_local_analysis_promotes_good_and_aborts_worse(tmp_path: Path, workdir: 
         "-f",
         str(policy),
         "--simulate",
-        "40d",
+        "25d",  # the worse fine-tune on day 15 and its 3-day analysis, after a promoted refresh's
         "--interactions",
         "30000",
         "--executor",
