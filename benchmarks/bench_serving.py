@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,32 +209,22 @@ def _grpc_bodies(singles: list[bytes], batches: list[bytes]) -> tuple[list[bytes
 
 
 def measure_grpc(port: int, singles: list[bytes], batches: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
-    """measure_both over gRPC: CPU per request by process over one run, then the measured runs."""
-    out: dict[str, Any] = {}
-    for kind, bodies, contexts in (("runs", singles, 1), ("batch_runs", batches, args.batch)):
-        if not bodies:
-            continue
-        requests = args.requests if contexts == 1 else max(200, args.requests // 10)
-        asyncio.run(
-            grpc_closed_loop(
-                port, bodies, max(50, args.warmup // max(1, contexts // 8)), args.concurrency, batch=contexts > 1
-            )
-        )
-        if contexts == 1:
-            cpu0 = _cpu_by_role()
-            r = asyncio.run(grpc_closed_loop(port, bodies, requests, args.concurrency, batch=False))
-            cpu = _cpu_delta(cpu0, _cpu_by_role())
-            out["cpu_ms_per_request"] = {k: round(v * 1000 / max(1, r.ok), 3) for k, v in cpu.items()}
-            out["stage_ms"] = {"client": round(sum(r.latencies_ms) / max(1, r.ok), 3)}
-        runs = []
-        for _ in range(args.repeats):
-            r = asyncio.run(grpc_closed_loop(port, bodies, requests, args.concurrency, batch=contexts > 1))
-            if r.errors:
-                print(f"    errors: {len(r.errors)}, first: {r.errors[0]}")
-            summary = r.summary()
-            summary["contexts_per_s"] = summary["rps"] * contexts
-            runs.append(summary)
-        out[kind] = runs
+    """measure_both over gRPC, after CPU per request by process over one run of single requests."""
+
+    def grpc(batch: bool) -> Loop:
+        return lambda bodies, n: grpc_closed_loop(port, bodies, n, args.concurrency, batch=batch)
+
+    asyncio.run(grpc(False)(singles, args.warmup))
+    cpu0 = _cpu_by_role()
+    r = asyncio.run(grpc(False)(singles, args.requests))
+    cpu = _cpu_delta(cpu0, _cpu_by_role())
+    out: dict[str, Any] = {
+        "cpu_ms_per_request": {k: round(v * 1000 / max(1, r.ok), 3) for k, v in cpu.items()},
+        "stage_ms": {"client": round(sum(r.latencies_ms) / max(1, r.ok), 3)},
+        "runs": measure(grpc(False), singles, args),
+    }
+    if batches:
+        out["batch_runs"] = measure(grpc(True), batches, args, args.batch)
     return out
 
 
@@ -259,18 +250,18 @@ def _batches(singles: list[bytes], size: int) -> list[bytes]:
     return out
 
 
-def measure(
-    ports: list[int], payloads: list[bytes], args: argparse.Namespace, path: str = "/recommend", contexts: int = 1
-) -> list[dict[str, float]]:
+#: One closed-loop run: (bodies, requests) -> its Run (an HTTP or a gRPC loop with its target bound in).
+Loop = Callable[[list[bytes], int], Coroutine[Any, Any, Run]]
+
+
+def measure(loop: Loop, bodies: list[bytes], args: argparse.Namespace, contexts: int = 1) -> list[dict[str, float]]:
     """Warm-up, then ``--repeats`` closed-loop runs; ``contexts`` per request (a batch's size) gives contexts/s.
     Batches run a tenth as many requests (at least 200)."""
     requests = args.requests if contexts == 1 else max(200, args.requests // 10)
-    asyncio.run(
-        closed_loop(ports, payloads, max(50, args.warmup // max(1, contexts // 8)), args.concurrency, path=path)
-    )
+    asyncio.run(loop(bodies, max(50, args.warmup // max(1, contexts // 8))))
     runs = []
     for _ in range(args.repeats):
-        r = asyncio.run(closed_loop(ports, payloads, requests, args.concurrency, path=path))
+        r = asyncio.run(loop(bodies, requests))
         if r.errors:
             print(f"    errors: {len(r.errors)}, first: {r.errors[0]}")
         summary = r.summary()
@@ -280,9 +271,12 @@ def measure(
 
 
 def measure_both(ports: list[int], payloads: list[bytes], batches: list[bytes], args: argparse.Namespace) -> dict:
-    out: dict[str, Any] = {"runs": measure(ports, payloads, args)}
+    def http(path: str) -> Loop:
+        return lambda bodies, n: closed_loop(ports, bodies, n, args.concurrency, path=path)
+
+    out: dict[str, Any] = {"runs": measure(http("/recommend"), payloads, args)}
     if batches:
-        out["batch_runs"] = measure(ports, batches, args, "/recommend/batch", args.batch)
+        out["batch_runs"] = measure(http("/recommend/batch"), batches, args, args.batch)
     return out
 
 

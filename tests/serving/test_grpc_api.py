@@ -12,8 +12,8 @@ import pytest
 
 from fixtures.serving import service_over
 from recupdate_workloads.serving import grpc_api as g
-from recupdate_workloads.serving.app import invalid_message
 from recupdate_workloads.serving.demo_store import MISSING_PAIRS
+from recupdate_workloads.serving.schema import RecommendRequest
 from recupdate_workloads.serving.service import RecommenderService
 
 HITS = [(a, b) for a in range(8) for b in range(8) if a != b and (a, b) not in MISSING_PAIRS]
@@ -21,7 +21,7 @@ HITS = [(a, b) for a in range(8) for b in range(8) if a != b and (a, b) not in M
 
 async def _grpc(svc: RecommenderService, msg: Any, *, batch: bool = False, limit: int = 1 << 20) -> Any:
     data = msg if isinstance(msg, bytes) else msg.SerializeToString()
-    return await g.handle_recommend(svc, data, batch=batch, limit=limit, message=invalid_message)
+    return await g.handle_recommend(svc, data, batch=batch, limit=limit)
 
 
 async def _refused(svc: RecommenderService, msg: Any, **kw: Any) -> g.GrpcError:
@@ -36,8 +36,11 @@ def test_the_proto_file_is_the_descriptor() -> None:
     fd = g.file_descriptor()
     assert [m.name for m in fd.service[0].method] == ["Recommend", "RecommendBatch"]
     # a request survives the wire with ids and names in order; empty user id and n mean the defaults
-    msg = g.RecommendRequestMessage.FromString(g.request_message([3, "Drama", 0]).SerializeToString())
-    assert g._request_dict(msg) == {"user_id": None, "recent_clusters": [3, "Drama", 0], "n": 10}
+    msg = g.RecommendRequestMessage.FromString(g.request_message([3, "Drama", 0], n=0).SerializeToString())
+    req = RecommendRequest.model_validate(g._request_dict(msg))
+    assert (req.user_id, req.recent_clusters, req.n) == (None, [3, "Drama", 0], 10)
+    full = g.RecommendRequestMessage.FromString(g.request_message([1, 2], n=4, user_id="u7").SerializeToString())
+    assert g._request_dict(full) == {"user_id": "u7", "recent_clusters": [1, 2], "n": 4}
 
 
 async def test_answers_equal_the_http_api(client: tuple[httpx.AsyncClient, Any]) -> None:
@@ -110,10 +113,8 @@ async def test_serve_grpc_sets_the_status_on_the_context(client: tuple[httpx.Asy
 
     _, svc = client
     ctx = _Context()
-    ok = await g.serve_grpc(
-        svc, g.request_message([0, 1]).SerializeToString(), ctx, batch=False, limit=1 << 20, message=invalid_message
-    )
+    ok = await g.serve_grpc(svc, g.request_message([0, 1]).SerializeToString(), ctx, batch=False, limit=1 << 20)
     assert ok.clusters and ctx.code is None
-    out = await g.serve_grpc(svc, b"\xff", ctx, batch=True, limit=1 << 20, message=invalid_message)
+    out = await g.serve_grpc(svc, b"\xff", ctx, batch=True, limit=1 << 20)
     assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and "RecommendBatchRequest" in ctx.details
     assert not out.results  # an empty answer beside the status

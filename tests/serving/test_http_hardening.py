@@ -42,7 +42,7 @@ from recupdate_workloads.serving.app import (
     make_api,
     max_body_bytes,
 )
-from recupdate_workloads.serving.release import Loaded
+from recupdate_workloads.serving.release import SWAP_DUTY, SWAP_DUTY_ENV, Loaded, swap_duty
 from recupdate_workloads.serving.service import RecommenderService
 
 NAMES = ["Action|Adventure", "Comedy", "Drama", "Horror", "Sci-Fi", "Romance", "Film-Noir", "Documentary"]
@@ -196,6 +196,12 @@ def test_limit_setting() -> None:
     for bad in ("0", "-1", "1.5", "lots"):
         with pytest.raises(ValueError, match=MAX_BODY_BYTES_ENV):
             max_body_bytes({MAX_BODY_BYTES_ENV: bad})
+    # the background swap's duty: a number in (0, 1]
+    assert swap_duty({}) == SWAP_DUTY == 0.5
+    assert swap_duty({SWAP_DUTY_ENV: "0.25"}) == 0.25 and swap_duty({SWAP_DUTY_ENV: "1"}) == 1.0
+    for bad in ("0", "-0.5", "1.5", "nan", "half"):
+        with pytest.raises(ValueError, match=rf"\${SWAP_DUTY_ENV} must be a number in \(0, 1\]"):
+            swap_duty({SWAP_DUTY_ENV: bad})
 
 
 async def test_limit_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from recupdate_workloads.contract.env import DSN_ENV
+from recupdate_workloads.contract.env import DSN_ENV, positive_int
 from recupdate_workloads.data.sequences import triples
 from recupdate_workloads.store import catalogue as cat
 from recupdate_workloads.store.db import Store, connect
@@ -79,16 +79,7 @@ class WindowCounts:
 
 def shard_rows_setting(default: int = DEFAULT_SHARD_ROWS) -> int:
     """The configured window size above which counting is split (RECUPDATE_EVIDENCE_SHARD_ROWS)."""
-    text = os.environ.get(SHARD_ROWS_ENV, "").strip().replace("_", "")
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{SHARD_ROWS_ENV} must be a whole number of interactions, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"{SHARD_ROWS_ENV} must be >= 1, got {value}")
-    return value
+    return positive_int(SHARD_ROWS_ENV, default, unit="interactions")
 
 
 def estimated_rows(store: Store, start: int | None, end: int | None) -> int:

@@ -46,6 +46,7 @@ from fastapi.routing import APIRoute
 from pydantic_core import from_json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from recupdate_workloads.contract.env import positive_int
 from recupdate_workloads.serving.intake import (
     INTAKE_PATH,
     Intake,
@@ -96,16 +97,12 @@ def max_body_bytes(
     """The request-size limit: ``$RECUPDATE_SERVE_MAX_BODY_BYTES`` (or ``name``; a positive integer) when set,
     else MAX_BODY_BYTES (``default``). A bad value fails start-up with a clear error rather than serving
     unbounded."""
-    raw = (os.environ if environ is None else environ).get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"${name} must be a positive integer (bytes), got {raw[:40]!r}")
-    return value
+    return positive_int(name, default, environ, unit="bytes")
+
+
+def batch_max_body_bytes(environ: Mapping[str, str] | None = None) -> int:
+    """The batch endpoint's request-size limit: ``$RECUPDATE_SERVE_MAX_BATCH_BODY_BYTES`` or MAX_BATCH_BODY_BYTES."""
+    return max_body_bytes(environ, name=MAX_BATCH_BODY_BYTES_ENV, default=MAX_BATCH_BODY_BYTES)
 
 
 _TIMED = {"/recommend": "recommend", BATCH_PATH: "batch"}
@@ -458,11 +455,7 @@ def make_api(
     with_intake = service.intake is not None and intake_enabled()
     max_batch()  # a bad $RECUPDATE_SERVE_MAX_BATCH fails here, at start-up
     swap_duty()  # and a bad $RECUPDATE_SERVE_SWAP_DUTY
-    per_path = {
-        BATCH_PATH: max_body_bytes(name=MAX_BATCH_BODY_BYTES_ENV, default=MAX_BATCH_BODY_BYTES)
-        if batch_body_limit is None
-        else batch_body_limit
-    }
+    per_path = {BATCH_PATH: batch_max_body_bytes() if batch_body_limit is None else batch_body_limit}
     if with_intake:
         per_path[INTAKE_PATH] = intake_max_body_bytes() if intake_body_limit is None else intake_body_limit
     api.add_middleware(BodyLimit, max_bytes=max_body_bytes() if body_limit is None else body_limit, per_path=per_path)

@@ -33,14 +33,7 @@ from recupdate_workloads.contract.serve import (
     user_config_of,
     with_user_config,
 )
-from recupdate_workloads.serving.app import (
-    MAX_BATCH_BODY_BYTES,
-    MAX_BATCH_BODY_BYTES_ENV,
-    RecommenderService,
-    invalid_message,
-    make_api,
-    max_body_bytes,
-)
+from recupdate_workloads.serving.app import RecommenderService, batch_max_body_bytes, make_api, max_body_bytes
 from recupdate_workloads.serving.grpc_api import serve_grpc
 
 __all__ = [
@@ -80,6 +73,8 @@ class Recommender:
     def __init__(self, max_pending_model_calls: int = 4) -> None:
         logging.getLogger("recupdate").setLevel(logging.INFO)
         self.service = RecommenderService(max_pending_model_calls=max_pending_model_calls)
+        # the gRPC methods' size limits: the HTTP endpoints' own, read once as make_api reads them
+        self._grpc_limits = (max_body_bytes(), batch_max_body_bytes())
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's user_config, at start and on every user_config change.
@@ -92,14 +87,11 @@ class Recommender:
     # gRPC (serving.grpc_api): Serve's gRPC proxy calls the method named as the RPC, with the request's bytes.
     async def Recommend(self, request: bytes, grpc_context: Any = None) -> Any:  # the RPC's name
         """``recupdate.v1.Recommender/Recommend``: what POST /recommend answers, as a RecommendResponse."""
-        return await serve_grpc(
-            self.service, request, grpc_context, batch=False, limit=max_body_bytes(), message=invalid_message
-        )
+        return await serve_grpc(self.service, request, grpc_context, batch=False, limit=self._grpc_limits[0])
 
     async def RecommendBatch(self, request: bytes, grpc_context: Any = None) -> Any:
         """``recupdate.v1.Recommender/RecommendBatch``: what POST /recommend/batch answers."""
-        limit = max_body_bytes(name=MAX_BATCH_BODY_BYTES_ENV, default=MAX_BATCH_BODY_BYTES)
-        return await serve_grpc(self.service, request, grpc_context, batch=True, limit=limit, message=invalid_message)
+        return await serve_grpc(self.service, request, grpc_context, batch=True, limit=self._grpc_limits[1])
 
     async def release_info(self) -> dict[str, Any]:
         """What GET /release answers, for deployment handles."""

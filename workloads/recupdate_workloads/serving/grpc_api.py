@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 from pydantic import ValidationError
 
+from recupdate_workloads.serving.app import invalid_message
 from recupdate_workloads.serving.schema import BATCH_TOO_LARGE, RecommendBatchRequest, RecommendRequest, UnknownClusters
 
 if TYPE_CHECKING:
@@ -203,11 +204,18 @@ class GrpcError(Exception):
 
 
 def _request_dict(msg: Any) -> dict[str, Any]:
+    """A RecommendRequest message as a /recommend body. Proto3 scalars have no "unset": an empty user_id and
+    n = 0 are left out, so the HTTP schema's defaults apply."""
     refs: list[Any] = []
     for r in msg.recent_clusters:
         which = r.WhichOneof("ref")
         refs.append(r.id if which == "id" else r.name if which == "name" else None)
-    return {"user_id": msg.user_id or None, "recent_clusters": refs, "n": msg.n or 10}
+    body: dict[str, Any] = {"recent_clusters": refs}
+    if msg.user_id:
+        body["user_id"] = msg.user_id
+    if msg.n:
+        body["n"] = msg.n
+    return body
 
 
 def _parse(cls: type[Message], data: bytes, limit: int, what: str) -> Any:
@@ -226,21 +234,14 @@ def _response(doc: Mapping[str, Any]) -> Any:
     )
 
 
-def _invalid(errors: Sequence[Mapping[str, Any]], message: Callable[[Sequence[Mapping[str, Any]]], str]) -> GrpcError:
+def _invalid(errors: Sequence[Mapping[str, Any]]) -> GrpcError:
     code = "RESOURCE_EXHAUSTED" if any(e.get("type") == BATCH_TOO_LARGE for e in errors) else "INVALID_ARGUMENT"
-    return GrpcError(code, message(errors))
+    return GrpcError(code, invalid_message(errors))
 
 
-async def handle_recommend(
-    service: RecommenderService,
-    data: bytes,
-    *,
-    batch: bool,
-    limit: int,
-    message: Callable[[Sequence[Mapping[str, Any]]], str],
-) -> Any:
+async def handle_recommend(service: RecommenderService, data: bytes, *, batch: bool, limit: int) -> Any:
     """One gRPC request's answer (a response message), or GrpcError. ``limit``: the message size limit in
-    bytes (the HTTP body limit of the same endpoint); ``message``: how the HTTP API words validation errors."""
+    bytes (the HTTP body limit of the same endpoint). Validation errors are worded as the HTTP API words them."""
     from fastapi import HTTPException
 
     try:
@@ -257,22 +258,14 @@ async def handle_recommend(
         req = RecommendRequest.model_validate(_request_dict(msg))
         return _response(json.loads(await service.recommend(req)))
     except ValidationError as exc:
-        raise _invalid(exc.errors(include_url=False), message) from None
+        raise _invalid(exc.errors(include_url=False)) from None
     except UnknownClusters as exc:
-        raise _invalid(exc.errors, message) from None
+        raise _invalid(exc.errors) from None
     except HTTPException as exc:  # the service's 503: no release loaded yet
         raise GrpcError("UNAVAILABLE" if exc.status_code == 503 else "INTERNAL", str(exc.detail)) from None
 
 
-async def serve_grpc(
-    service: RecommenderService,
-    data: bytes,
-    grpc_context: Any,
-    *,
-    batch: bool,
-    limit: int,
-    message: Callable[[Sequence[Mapping[str, Any]]], str],
-) -> Any:
+async def serve_grpc(service: RecommenderService, data: bytes, grpc_context: Any, *, batch: bool, limit: int) -> Any:
     """What the deployment's gRPC methods run: ``handle_recommend``, its status set on Serve's gRPC context
     (an empty response for an error) and the request recorded in the serving metrics, code = the status name."""
     import grpc
@@ -280,7 +273,7 @@ async def serve_grpc(
     t0 = time.perf_counter()
     code = "OK"
     try:
-        return await handle_recommend(service, data, batch=batch, limit=limit, message=message)
+        return await handle_recommend(service, data, batch=batch, limit=limit)
     except GrpcError as exc:
         code = exc.code
         if grpc_context is not None:

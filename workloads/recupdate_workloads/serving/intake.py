@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from recupdate_workloads.contract.env import DSN_ENV
+from recupdate_workloads.contract.env import DSN_ENV, positive_int
 
 log = logging.getLogger("recupdate.intake")
 
@@ -168,16 +168,7 @@ def intake_enabled(environ: Mapping[str, str] | None = None) -> bool:
 
 def intake_max_body_bytes(environ: Mapping[str, str] | None = None) -> int:
     """``$RECUPDATE_INTAKE_MAX_BODY_BYTES`` (a positive integer) when set, else INTAKE_MAX_BODY_BYTES."""
-    raw = (os.environ if environ is None else environ).get(INTAKE_MAX_BODY_BYTES_ENV, "").strip()
-    if not raw:
-        return INTAKE_MAX_BODY_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"${INTAKE_MAX_BODY_BYTES_ENV} must be a positive integer (bytes), got {raw[:40]!r}")
-    return value
+    return positive_int(INTAKE_MAX_BODY_BYTES_ENV, INTAKE_MAX_BODY_BYTES, environ, unit="bytes")
 
 
 def _short(v: Any) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from psycopg import sql
 
+from recupdate_workloads.contract.env import env_number
 from recupdate_workloads.contract.redact import register
 from recupdate_workloads.contract.secret_file import file_env, secret_from_env
 from recupdate_workloads.contract.serve import UserConfig
@@ -340,16 +341,9 @@ SWAP_DUTY_ENV = "RECUPDATE_SERVE_SWAP_DUTY"
 
 def swap_duty(environ: Mapping[str, str] | None = None) -> float:
     """``$RECUPDATE_SERVE_SWAP_DUTY`` (a number in (0, 1]; 1: no bound) when set, else SWAP_DUTY."""
-    raw = (os.environ if environ is None else environ).get(SWAP_DUTY_ENV, "").strip()
-    if not raw:
-        return SWAP_DUTY
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 1:
-        raise ValueError(f"${SWAP_DUTY_ENV} must be a number in (0, 1], got {raw[:40]!r}")
-    return value
+    return env_number(
+        SWAP_DUTY_ENV, SWAP_DUTY, environ, parse=float, valid=lambda v: 0 < v <= 1, expect="a number in (0, 1]"
+    )
 
 
 def load_release(cfg: UserConfig, environ: Mapping[str, str] | None = None, *, duty: float = 1.0) -> Loaded:

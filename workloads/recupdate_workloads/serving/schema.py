@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 from pydantic_core import PydanticCustomError
+
+from recupdate_workloads.contract.env import positive_int
 
 log = logging.getLogger("recupdate.serving")
 
@@ -25,16 +26,7 @@ BATCH_TOO_LARGE = "batch_too_large"
 def max_batch(environ: Mapping[str, str] | None = None) -> int:
     """The batch limit: ``$RECUPDATE_SERVE_MAX_BATCH`` (a positive integer) when set, else MAX_BATCH. A bad
     value is a clear error (the app checks it at start-up)."""
-    raw = (os.environ if environ is None else environ).get(MAX_BATCH_ENV, "").strip()
-    if not raw:
-        return MAX_BATCH
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"${MAX_BATCH_ENV} must be a positive integer (contexts), got {raw[:40]!r}")
-    return value
+    return positive_int(MAX_BATCH_ENV, MAX_BATCH, environ, unit="contexts")
 
 
 def _cluster_ref(v: Any) -> int | str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from psycopg import sql
@@ -111,27 +110,27 @@ def load_table(
         st = c.execute("SELECT state FROM transition_tables WHERE table_version = %s", (version,)).fetchone()
         if st is None or st[0] != "published":
             raise LookupError(f"transition table version {version} is not published")
-        if duty >= 1:
-            row = c.execute(pack, (list(SOURCES),), binary=True).fetchone()
-            parts.append(row[0] if row and row[0] is not None else b"")
-        else:
-            # c1 bounds of chunks of about LOAD_CHUNK_ROWS rows each, from the primary key's order
-            bounds = [
+        # c1 values that cut the table into chunks of about LOAD_CHUNK_ROWS rows (none: one chunk, the whole table)
+        cuts: list[int] = []
+        if duty < 1:
+            cuts = [
                 int(r[0])
                 for r in c.execute(
                     sql.SQL(
                         "SELECT c1 FROM (SELECT c1, row_number() OVER (ORDER BY c1) AS i FROM {}) t"
-                        " WHERE i %% %s = 1 GROUP BY c1 ORDER BY c1"
+                        " WHERE i %% %s = 1 AND i > 1 GROUP BY c1 ORDER BY c1"
                     ).format(name),
                     (LOAD_CHUNK_ROWS,),
                 ).fetchall()
             ]
-            for lo, hi in zip(bounds, [*bounds[1:], None], strict=True):
-                t0 = time.perf_counter()
-                where = sql.SQL(" WHERE c1 >= %s") + (sql.SQL(" AND c1 < %s") if hi is not None else sql.SQL(""))
-                args: tuple[Any, ...] = (list(SOURCES), lo) if hi is None else (list(SOURCES), lo, hi)
-                row = c.execute(sql.Composed([pack, where]), args, binary=True).fetchone()
-                parts.append(row[0] if row and row[0] is not None else b"")
+        for lo, hi in zip([None, *cuts], [*cuts, None], strict=True):
+            t0 = time.perf_counter()
+            conds = [sql.SQL(f"c1 {op} %s") for op, v in ((">=", lo), ("<", hi)) if v is not None]
+            where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
+            args = [list(SOURCES), *(v for v in (lo, hi) if v is not None)]
+            row = c.execute(sql.Composed([pack, where]), args, binary=True).fetchone()
+            parts.append(row[0] if row and row[0] is not None else b"")
+            if duty < 1:
                 sleep((time.perf_counter() - t0) * (1 / duty - 1))
     arr = np.frombuffer(b"".join(parts), dtype=_REC)
     if not len(arr):
